@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   create .venv, install, import the profile's models, serve on port 3000
+#   make test    the same set-up plus the system packages the tests use, then every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+export MULTIMODAL_PROFILE ?= tiny
+# Debian packages the test suite starts or shells out to.
+TEST_SYSTEM_PACKAGES := redis-server
+
+.PHONY: venv models serve system-packages test build clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+models: venv
+	$(BIN)/python -m bentos.import_models
+
+serve: models
+	$(BIN)/bentoml serve services.gateway:Gateway --port $(PORT)
+
+system-packages:
+	@missing=""; for p in $(TEST_SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: models system-packages
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+build: models
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache

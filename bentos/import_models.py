@@ -1,0 +1,100 @@
+"""Put the profile's models into the BentoML model store.
+
+    python -m bentos.import_models                      # the profile from MULTIMODAL_PROFILE (tiny)
+    python -m bentos.import_models --profile production --family clip
+
+`tiny` models are generated offline from a seed; `production` models are the published
+weights, downloaded where there is a network. Either way the files land in the store in the
+layout the services load, with labels (profile, family, architecture) to find them by.
+A model already in the store is kept unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import bentoml
+from tqdm import tqdm
+
+from configuration.profiles import Family, ModelSpec, profile_specs
+from configuration.settings import Settings
+
+log = logging.getLogger("bentos.import_models")
+DEFAULT_SEED = 0
+
+
+def _tiny_generator(family: Family) -> Callable[[Path, int], None]:
+    if family == "clip":
+        from bentos.tiny.clip import generate
+    elif family == "whisper":
+        from bentos.tiny.whisper import generate
+    else:
+        from bentos.tiny.llava import generate
+    return generate
+
+
+def _download(spec: ModelSpec, out_dir: Path) -> None:
+    """Published weights, saved in the same layout as the tiny generators write."""
+    if spec.family == "whisper":
+        import whisper
+
+        from bentos.tiny.whisper import CHECKPOINT
+
+        # openai-whisper downloads its checkpoints itself (checksummed) by size name.
+        path = whisper._download(whisper._MODELS[spec.source], str(out_dir), in_memory=False)
+        Path(path).rename(out_dir / CHECKPOINT)
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(
+            spec.source,
+            local_dir=out_dir,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+
+
+def import_model(spec: ModelSpec, profile: str, seed: int = DEFAULT_SEED, force: bool = False) -> bentoml.Model:
+    if not force:
+        try:
+            existing = bentoml.models.get(spec.tag)
+            log.info("%s is already in the model store as %s", spec.family, existing.tag)
+            return existing
+        except bentoml.exceptions.NotFound:
+            pass
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if spec.generated:
+            _tiny_generator(spec.family)(work, seed)
+        else:
+            _download(spec, work)
+        labels = {"profile": profile, "family": spec.family, "architecture": spec.architecture}
+        metadata = {"source": spec.source, **({"seed": seed} if spec.generated else {})}
+        with bentoml.models.create(spec.tag, labels=labels, metadata=metadata) as model:
+            shutil.copytree(work, model.path, dirs_exist_ok=True)
+    log.info("imported %s as %s", spec.family, model.tag)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["tiny", "production"], default=None)
+    parser.add_argument("--family", choices=["clip", "llava", "whisper"], action="append")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--force", action="store_true", help="re-import models already in the store")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    settings = Settings(profile=args.profile) if args.profile else Settings()
+    specs = [s for s in profile_specs(settings) if not args.family or s.family in args.family]
+    for spec in (progress := tqdm(specs, desc=f"importing {settings.profile} models", unit="model")):
+        progress.set_postfix_str(spec.tag)
+        import_model(spec, settings.profile, seed=args.seed, force=args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Typed settings: every knob is an environment variable with the ``MULTIMODAL_`` prefix.
+
+The original design's names (``MODEL_NAME``, ``BATCH_SIZE``, ``MAX_CONCURRENT_REQUESTS``,
+``CACHE_TTL_SECONDS``) keep working as aliases; the prefixed name wins when both are set.
+The README's settings table is generated from this class (``python -m configuration.settings``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "MULTIMODAL_"
+
+
+def _env(name: str, *legacy: str) -> AliasChoices:
+    return AliasChoices(PREFIX + name, *legacy)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True)
+
+    # Models
+    profile: Literal["tiny", "production"] = Field(
+        "tiny", description="Model profile: `tiny` (generated offline) or `production` (published weights)."
+    )
+    clip_model: str | None = Field(
+        None,
+        validation_alias=_env("CLIP_MODEL", "MODEL_NAME"),
+        description="Hugging Face id of the production CLIP model; the profile's default when unset.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; `auto` picks CUDA when present.")
+
+    # Batching (BentoML adaptive batching on the model services)
+    clip_max_batch_size: int = Field(
+        64, ge=2, validation_alias=_env("CLIP_MAX_BATCH_SIZE", "BATCH_SIZE"), description="Largest CLIP encoder batch (items)."
+    )
+    clip_max_latency_ms: int = Field(
+        10_000, ge=10, description="Latency budget of a CLIP batch; past it BentoML sheds load with 503."
+    )
+
+    # Traffic
+    max_concurrent_requests: int = Field(
+        100,
+        ge=1,
+        validation_alias=_env("MAX_CONCURRENT_REQUESTS", "MAX_CONCURRENT_REQUESTS"),
+        description="Requests in flight per entry-service worker; more get 429.",
+    )
+    request_timeout_seconds: float = Field(60.0, gt=0, description="Per-request timeout of every service.")
+    max_request_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body the entry service reads.")
+
+    # Input limits
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="Largest encoded image.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height, checked before decoding.")
+    max_inputs_per_request: int = Field(256, ge=1, description="Most texts or images in one request.")
+    max_text_chars: int = Field(4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens).")
+
+    # Embedding cache
+    cache_backend: Literal["memory", "redis", "none"] = Field(
+        "memory", description="`memory` (in-process LRU), `redis` (needs a Redis URL) or `none`."
+    )
+    redis_url: str | None = Field(None, description="Redis URL; setting it selects the Redis cache.")
+    cache_ttl_seconds: int = Field(
+        3600,
+        ge=1,
+        validation_alias=_env("CACHE_TTL_SECONDS", "CACHE_TTL_SECONDS"),
+        description="TTL of image embeddings.",
+    )
+    query_cache_ttl_seconds: int = Field(86_400, ge=1, description="TTL of text (query) embeddings.")
+    cache_max_entries: int = Field(50_000, ge=1, description="Entries kept by the in-process cache.")
+    redis_timeout_seconds: float = Field(0.25, gt=0, description="Socket timeout of Redis calls; a slow Redis is a miss.")
+    redis_retry_after_seconds: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long.")
+
+    @property
+    def effective_cache_backend(self) -> str:
+        if self.cache_backend == "memory" and self.redis_url:
+            return "redis"
+        return self.cache_backend
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, its environment variables and default, for the README."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = list(alias.choices) if isinstance(alias, AliasChoices) else [PREFIX + name.upper()]
+        names = list(dict.fromkeys(str(n) for n in names))
+        default = field.default if field.default is not None else ""
+        rows.append(f"| {' / '.join(f'`{n}`' for n in names)} | `{default}` | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

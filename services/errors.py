@@ -1,0 +1,77 @@
+"""One error shape on every route: OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+
+The HTTP status carries the class of the error; ``type`` follows OpenAI's names so the
+official SDKs raise their matching exception classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error meant for the client: raise it anywhere below a route."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status == 404:
+        return "not_found_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "form")]
+    param = ".".join(location) or None
+    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, code="invalid_value", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), code=HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
+
+    @app.exception_handler(BentoMLException)
+    async def _dependency(_: Request, exc: BentoMLException) -> JSONResponse:
+        # Raised by a model service: a 503 is adaptive batching shedding load, worth a retry.
+        status = int(exc.error_code)
+        if status >= 500:
+            log.warning("model service error %s: %s", status, exc)
+        code = "overloaded" if status == 503 else "model_service_error"
+        return error_response(status, f"model service: {exc}", code=code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal error", code="internal_error")

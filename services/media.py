@@ -1,0 +1,82 @@
+"""Safe decoding of client-supplied images.
+
+Everything a client sends is hostile until proven otherwise: base64 is decoded with
+validation, the byte size is capped, the format is restricted, and width x height is checked
+from the header *before* pixels are decoded (Pillow's own decompression-bomb check only warns
+below twice its limit).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from services.errors import APIError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;base64,", re.ASCII)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image
+    sha256: str  # of the encoded bytes: the cache key's content part
+
+
+def is_data_url(value: str) -> bool:
+    return value.startswith("data:")
+
+
+def decode_base64(value: str, *, param: str, max_bytes: int) -> bytes:
+    """Raw base64 or a ``data:...;base64,`` URL, validated."""
+    payload = value
+    if is_data_url(value):
+        match = _DATA_URL.match(value)
+        if not match:
+            raise APIError(400, "only base64 data: URLs are accepted", code="invalid_image", param=param)
+        payload = value[match.end() :]
+    payload = "".join(payload.split())  # tolerate line-wrapped base64
+    if len(payload) * 3 // 4 > max_bytes:
+        raise APIError(413, f"image is larger than {max_bytes} bytes", code="image_too_large", param=param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "image is not valid base64", code="invalid_base64", param=param) from None
+    if not data:
+        raise APIError(400, "image is empty", code="invalid_image", param=param)
+    return data
+
+
+def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
+    """Decode to RGB, refusing non-images, other formats, bombs and truncated files."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise APIError(
+                    413, f"image is {width}x{height} pixels; at most {max_pixels} are accepted", code="image_too_large", param=param
+                )
+            image.load()
+            return image.convert("RGB")
+    except APIError:
+        raise
+    except UnidentifiedImageError:
+        raise APIError(400, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})", code="invalid_image", param=param) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise APIError(413, "image has too many pixels", code="image_too_large", param=param) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise APIError(400, f"image could not be decoded: {exc}", code="invalid_image", param=param) from None
+
+
+def decode_image(value: str, *, param: str, max_bytes: int, max_pixels: int) -> DecodedImage:
+    data = decode_base64(value, param=param, max_bytes=max_bytes)
+    return DecodedImage(image=open_image(data, param=param, max_pixels=max_pixels), sha256=hashlib.sha256(data).hexdigest())

@@ -1,0 +1,110 @@
+"""Prometheus metrics the alerts, the dashboard and the autoscaler are written against.
+
+BentoML serves every process's metrics on ``/metrics`` through prometheus_client's
+multiprocess collector, so gauges name how their per-process values combine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SIMILARITY_BUCKETS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
+
+# Requests, by the public route they came to
+REQUESTS = Counter("clip_requests_total", "CLIP requests by endpoint and HTTP status", ["endpoint", "status"])
+REQUEST_DURATION = Histogram(
+    "clip_request_duration_seconds", "CLIP request latency", ["endpoint"], buckets=LATENCY_BUCKETS
+)
+
+# The model service
+EMBEDDING_DURATION = Histogram(
+    "clip_embedding_duration_seconds", "Time to encode one batch", ["kind"], buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(
+    "clip_batch_size", "Items per encoder batch", ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+# Labelled by GPU index, so a CPU-only host exports no GPU series at all rather than zeros.
+GPU_UTILIZATION = Gauge("clip_gpu_utilization_percent", "GPU utilisation", ["gpu"], multiprocess_mode="livemax")
+GPU_MEMORY = Gauge("clip_gpu_memory_utilization_percent", "GPU memory in use", ["gpu"], multiprocess_mode="livemax")
+
+# Answers
+SIMILARITY = Histogram("clip_similarity_scores", "Image-text cosine similarities served", buckets=SIMILARITY_BUCKETS)
+
+# Embedding cache
+CACHE_HITS = Counter("clip_cache_hits_total", "Embedding cache hits", ["kind"])
+CACHE_MISSES = Counter("clip_cache_misses_total", "Embedding cache misses", ["kind"])
+CACHE_HIT_RATE = Gauge("clip_cache_hit_rate", "Hit ratio since start", multiprocess_mode="livemostrecent")
+CACHE_ERRORS = Counter("clip_cache_errors_total", "Cache backend failures (served as misses)", ["backend"])
+
+# Autoscaling signal: model calls accepted by this pod and not yet answered
+QUEUE_DEPTH = Gauge("queue_depth", "Requests waiting for or inside a model batch", ["model"], multiprocess_mode="livesum")
+
+_cache_counts = {"hit": 0, "miss": 0}
+
+
+def record_cache(kind: str, hits: int, misses: int) -> None:
+    CACHE_HITS.labels(kind).inc(hits)
+    CACHE_MISSES.labels(kind).inc(misses)
+    _cache_counts["hit"] += hits
+    _cache_counts["miss"] += misses
+    total = _cache_counts["hit"] + _cache_counts["miss"]
+    if total:
+        CACHE_HIT_RATE.set(_cache_counts["hit"] / total)
+
+
+@contextmanager
+def queued(model: str) -> Iterator[None]:
+    gauge = QUEUE_DEPTH.labels(model)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+def record_gpu() -> None:
+    """Sample the GPU this process uses; a no-op without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    gpu = str(torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info()
+    GPU_MEMORY.labels(gpu).set(100.0 * (total - free) / total)
+    try:
+        GPU_UTILIZATION.labels(gpu).set(torch.cuda.utilization())
+    except Exception:  # needs NVML, which some containers lack
+        pass
+
+
+class RequestMetricsMiddleware:
+    """Counts and times requests to the routes it is given (other paths stay unlabelled)."""
+
+    def __init__(self, app: ASGIApp, endpoints: frozenset[str]) -> None:
+        self.app, self.endpoints = app, endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path not in self.endpoints:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            REQUEST_DURATION.labels(path).observe(time.perf_counter() - start)
+            REQUESTS.labels(path, str(status)).inc()

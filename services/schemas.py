@@ -1,0 +1,92 @@
+"""Request and response models of the public API (the entry service's edge)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Native routes (the original design's shapes)
+
+
+class SearchRequest(_Request):
+    image_data: str = Field(description="The image, base64 (raw or a data: URL).")
+    texts: list[str] = Field(min_length=1, description="Candidate texts to rank against the image.")
+    return_embeddings: bool = False
+
+
+class SearchEmbeddings(BaseModel):
+    image: list[float]
+    texts: list[list[float]]
+
+
+class SearchResponse(BaseModel):
+    similarities: list[float] = Field(description="Cosine similarity of the image to each text, in input order.")
+    best_match: str
+    best_similarity: float
+    embeddings: SearchEmbeddings | None = None
+
+
+class ClassifyRequest(_Request):
+    image_data: str = Field(description="The image, base64 (raw or a data: URL).")
+    labels: list[str] = Field(min_length=1, description="Candidate class names.")
+    template: str = Field("a photo of a {}", description="Prompt each label is put into; `{}` marks the label.")
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[LabelProbability] = Field(description="Softmax over CLIP's scaled logits, most likely first.")
+    best_label: str
+    best_probability: float
+
+
+# OpenAI-compatible embeddings
+
+
+class EmbeddingsRequest(_Request):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields we do not use
+
+    input: str | list[str] = Field(description="Texts, or images as base64 `data:image/...` URLs.")
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+# Health
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy"] = "healthy"
+    device: str
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"

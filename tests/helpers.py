@@ -1,0 +1,92 @@
+"""Test inputs and the reference implementation the service is checked against."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+from functools import cached_property
+
+import bentoml
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def random_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{b64(data)}"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples called ``name`` whose labels include ``labels``."""
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    return sum(metric_samples(text, name, **labels))
+
+
+class ReferenceClip:
+    """transformers' CLIPModel on the same weights, used the way its documentation shows."""
+
+    def __init__(self, tag: str = "tiny-clip") -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        path = bentoml.models.get(tag).path
+        self.model = CLIPModel.from_pretrained(path).eval()
+        self.processor = CLIPProcessor.from_pretrained(path)
+
+    def forward(self, image: Image.Image, texts: list[str]):
+        import torch
+
+        inputs = self.processor(text=texts, images=[image], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return self.model(**inputs)
+
+    def similarities(self, image: Image.Image, texts: list[str]) -> np.ndarray:
+        out = self.forward(image, texts)
+        return (out.logits_per_image[0] / self.model.logit_scale.exp()).detach().numpy()
+
+    def probabilities(self, image: Image.Image, texts: list[str]) -> np.ndarray:
+        return self.forward(image, texts).logits_per_image[0].softmax(-1).detach().numpy()
+
+    def image_embedding(self, image: Image.Image) -> np.ndarray:
+        return self.forward(image, ["x"]).image_embeds[0].detach().numpy()
+
+    def text_embeddings(self, texts: list[str]) -> np.ndarray:
+        return self.forward(Image.new("RGB", (32, 32)), texts).text_embeds.detach().numpy()
+
+    @cached_property
+    def model_name(self) -> str:
+        return bentoml.models.get("tiny-clip").tag.name

@@ -1,0 +1,277 @@
+"""The CLIP routes against a real ``bentoml serve`` (entry service + CLIP service processes)."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.helpers import (
+    ReferenceClip,
+    b64,
+    data_url,
+    metric_samples,
+    metric_value,
+    png_bytes,
+    png_header_only,
+    random_image,
+)
+
+pytestmark = pytest.mark.integration
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def server(serve_product):
+    return serve_product()
+
+
+@pytest.fixture(scope="module")
+def uncached_server(serve_product):
+    """No embedding cache, so repeated inputs really reach the model again."""
+    return serve_product(MULTIMODAL_CACHE_BACKEND="none")
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferenceClip:
+    return ReferenceClip()
+
+
+def unique_texts(n: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"photo {run} number {i} of a {'cat' if i % 2 else 'dog'}" for i in range(n)]
+
+
+def post(server, route: str, payload: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", json=payload, timeout=60)
+
+
+# Parity with transformers on the same weights
+
+
+@pytest.mark.parametrize("seed,size", [(1, (64, 48)), (2, (31, 200)), (3, (640, 480))])
+def test_search_similarities_equal_transformers(server, reference, seed, size):
+    image = random_image(seed, size)
+    texts = ["a photo of a cat", "a diagram", "Ünïcödé text, with punctuation!", "x"]
+    response = post(server, "/search", {"image_data": b64(png_bytes(image)), "texts": texts, "return_embeddings": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = reference.similarities(image, texts)
+    np.testing.assert_allclose(body["similarities"], expected, atol=TOLERANCE)
+    assert body["best_match"] == texts[int(np.argmax(expected))]
+    assert body["best_similarity"] == pytest.approx(float(expected.max()), abs=TOLERANCE)
+    np.testing.assert_allclose(body["embeddings"]["image"], reference.image_embedding(image), atol=TOLERANCE)
+    np.testing.assert_allclose(body["embeddings"]["texts"], reference.text_embeddings(texts), atol=TOLERANCE)
+
+
+def test_search_omits_embeddings_unless_asked(server):
+    response = post(server, "/search", {"image_data": b64(png_bytes(random_image(4))), "texts": ["a"]})
+    assert response.status_code == 200
+    assert "embeddings" not in response.json()
+
+
+def test_classify_probabilities_equal_transformers_softmax(server, reference):
+    image = random_image(5)
+    labels = ["cat", "dog", "car", "tree"]
+    response = post(server, "/classify", {"image_data": data_url(png_bytes(image)), "labels": labels})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = reference.probabilities(image, [f"a photo of a {label}" for label in labels])
+    got = {p["label"]: p["probability"] for p in body["predictions"]}
+    np.testing.assert_allclose([got[label] for label in labels], expected, atol=TOLERANCE)
+    assert body["best_label"] == labels[int(np.argmax(expected))]
+    assert [p["probability"] for p in body["predictions"]] == sorted(got.values(), reverse=True)
+
+
+def test_openai_sdk_text_embeddings(server, reference):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    texts = unique_texts(3)
+    result = client.embeddings.create(model=reference.model_name, input=texts)  # the SDK asks for base64
+    assert [d.index for d in result.data] == [0, 1, 2]
+    np.testing.assert_allclose([d.embedding for d in result.data], reference.text_embeddings(texts), atol=TOLERANCE)
+    assert result.model == reference.model_name
+    assert result.usage.prompt_tokens == result.usage.total_tokens > 0
+
+    floats = client.embeddings.create(model=reference.model_name, input=texts[0], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, result.data[0].embedding, atol=1e-6)
+
+
+def test_openai_sdk_image_and_text_embeddings_in_one_request(server, reference):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    image = random_image(6)
+    result = client.embeddings.create(model="clip", input=["a cat", data_url(png_bytes(image))])
+    np.testing.assert_allclose(result.data[0].embedding, reference.text_embeddings(["a cat"])[0], atol=TOLERANCE)
+    np.testing.assert_allclose(result.data[1].embedding, reference.image_embedding(image), atol=TOLERANCE)
+
+
+def test_openai_sdk_unknown_model_is_not_found(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.embeddings.create(model="text-embedding-3-large", input="hi")
+    assert raised.value.body["code"] == "model_not_found"
+
+
+# Adaptive batching
+
+
+def test_concurrent_requests_are_batched_without_changing_results(uncached_server):
+    server = uncached_server
+    texts = unique_texts(32)
+    images = [b64(png_bytes(random_image(100 + i))) for i in range(32)]
+    before = server.metrics()
+
+    def text_embedding(text: str) -> list[float]:
+        response = post(server, "/v1/embeddings", {"model": "clip", "input": text})
+        assert response.status_code == 200, response.text
+        return response.json()["data"][0]["embedding"]
+
+    def image_embedding(image: str) -> list[float]:
+        response = post(server, "/search", {"image_data": image, "texts": ["x"], "return_embeddings": True})
+        assert response.status_code == 200, response.text
+        return response.json()["embeddings"]["image"]
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        concurrent_texts = list(pool.map(text_embedding, texts))
+        concurrent_images = list(pool.map(image_embedding, images))
+    after = server.metrics()
+    sequential_texts = [text_embedding(text) for text in texts]
+    sequential_images = [image_embedding(image) for image in images]
+
+    np.testing.assert_allclose(concurrent_texts, sequential_texts, atol=1e-5)
+    np.testing.assert_allclose(concurrent_images, sequential_images, atol=1e-5)
+    for kind in ("text", "image"):
+        batches = metric_value(after, "clip_batch_size_count", kind=kind) - metric_value(before, "clip_batch_size_count", kind=kind)
+        singles = metric_value(after, "clip_batch_size_bucket", kind=kind, le="1.0") - metric_value(
+            before, "clip_batch_size_bucket", kind=kind, le="1.0"
+        )
+        assert batches - singles > 0, f"no {kind} batch larger than 1 among {batches} batches"
+    # BentoML's own histogram agrees.
+    bento_batches = metric_samples(after, "bentoml_service_adaptive_batch_size_count", method_name="encode_texts")
+    bento_singles = metric_samples(after, "bentoml_service_adaptive_batch_size_bucket", method_name="encode_texts", le="1.0")
+    assert sum(bento_batches) > sum(bento_singles)
+
+
+# Embedding cache
+
+
+def test_repeated_request_is_served_from_the_in_process_cache(server):
+    texts = unique_texts(2)
+    first = post(server, "/v1/embeddings", {"model": "clip", "input": texts})
+    before = server.metrics()
+    second = post(server, "/v1/embeddings", {"model": "clip", "input": texts})
+    after = server.metrics()
+    assert first.status_code == second.status_code == 200
+    assert second.json()["data"] == first.json()["data"]
+    assert metric_value(after, "clip_cache_hits_total", kind="text") - metric_value(before, "clip_cache_hits_total", kind="text") == 2
+    assert metric_value(after, "clip_batch_size_count", kind="text") == metric_value(before, "clip_batch_size_count", kind="text")
+
+
+def test_redis_cache_hits_and_survives_redis_dying(serve_product, redis_server, reference):
+    server = serve_product(MULTIMODAL_REDIS_URL=redis_server.url, MULTIMODAL_REDIS_RETRY_AFTER_SECONDS="0")
+    image = png_bytes(random_image(7))
+    payload = {"image_data": b64(image), "texts": unique_texts(3)}
+
+    first = post(server, "/search", payload)
+    assert first.status_code == 200, first.text
+    stored = redis_server.client().keys("emb:*")
+    assert len(stored) == 4  # one image, three texts
+    assert all(redis_server.client().ttl(key) > 0 for key in stored)
+
+    before = server.metrics()
+    second = post(server, "/search", payload)
+    after = server.metrics()
+    assert second.json()["similarities"] == first.json()["similarities"]
+    assert metric_value(after, "clip_cache_hits_total") - metric_value(before, "clip_cache_hits_total") == 4
+
+    redis_server.process.kill()  # the server must carry on without its cache
+    results = [post(server, "/search", payload) for _ in range(3)]
+    results += [post(server, "/search", {"image_data": b64(png_bytes(random_image(8 + i))), "texts": ["new text"]}) for i in range(3)]
+    assert [r.status_code for r in results] == [200] * 6
+    np.testing.assert_allclose(results[0].json()["similarities"], first.json()["similarities"], atol=TOLERANCE)
+    np.testing.assert_allclose(
+        results[3].json()["similarities"], reference.similarities(random_image(8), ["new text"]), atol=TOLERANCE
+    )
+    assert metric_value(server.metrics(), "clip_cache_errors_total", backend="redis") > 0
+
+
+# Bad input: a 4xx in the one error shape, never a 500, and the server carries on
+
+
+PNG = png_bytes(random_image(9))
+BAD_REQUESTS = {
+    "invalid base64": ("/search", {"image_data": "not*base64!", "texts": ["a"]}, 400),
+    "non-image bytes": ("/search", {"image_data": b64(b"hello, I am not an image" * 10), "texts": ["a"]}, 400),
+    "truncated png": ("/search", {"image_data": b64(PNG[: len(PNG) // 2]), "texts": ["a"]}, 400),
+    "empty image": ("/search", {"image_data": "", "texts": ["a"]}, 400),
+    "empty texts": ("/search", {"image_data": b64(PNG), "texts": []}, 400),
+    "empty text": ("/search", {"image_data": b64(PNG), "texts": ["a", " "]}, 400),
+    "10000 texts": ("/search", {"image_data": b64(PNG), "texts": ["a"] * 10_000}, 400),
+    "20000x20000 header": ("/search", {"image_data": b64(png_header_only(20_000, 20_000)), "texts": ["a"]}, 413),
+    "9000x9000 header": ("/classify", {"image_data": b64(png_header_only(9_000, 9_000)), "labels": ["a"]}, 413),
+    "missing field": ("/search", {"texts": ["a"]}, 400),
+    "wrong type": ("/search", {"image_data": 5, "texts": "a"}, 400),
+    "unknown field": ("/search", {"image_data": b64(PNG), "texts": ["a"], "extra": 1}, 400),
+    "non-base64 data url": ("/classify", {"image_data": "data:image/png,abc", "labels": ["a"]}, 400),
+    "template without slot": ("/classify", {"image_data": b64(PNG), "labels": ["a"], "template": "a photo"}, 400),
+    "embeddings empty list": ("/v1/embeddings", {"model": "clip", "input": []}, 400),
+    "embeddings 10000 inputs": ("/v1/embeddings", {"model": "clip", "input": ["a"] * 10_000}, 400),
+    "embeddings bad image": ("/v1/embeddings", {"model": "clip", "input": ["data:image/png;base64,AAAA"]}, 400),
+    "embeddings token arrays": ("/v1/embeddings", {"model": "clip", "input": [[1, 2, 3]]}, 400),
+    "embeddings wrong dimensions": ("/v1/embeddings", {"model": "clip", "input": "a", "dimensions": 7}, 400),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_in_the_error_shape(server, name):
+    route, payload, status = BAD_REQUESTS[name]
+    response = post(server, route, payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_malformed_json_and_oversized_body(server):
+    response = httpx.post(f"{server.url}/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    response = httpx.post(f"{server.url}/search", content=b"x" * (33 * 2**20), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_server_still_answers_after_bad_input(server, reference):
+    for route, payload, _ in BAD_REQUESTS.values():
+        post(server, route, payload)
+    image = random_image(10)
+    response = post(server, "/search", {"image_data": b64(png_bytes(image)), "texts": ["a", "b"]})
+    assert response.status_code == 200
+    np.testing.assert_allclose(response.json()["similarities"], reference.similarities(image, ["a", "b"]), atol=TOLERANCE)
+    assert metric_value(server.metrics(), "clip_requests_total", status="500") == 0
+
+
+# Health, readiness and metrics
+
+
+def test_health_and_readiness_routes(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "healthy", "device": "cpu"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-clip"]
+
+
+def test_metrics_export_the_names_alerts_are_written_against(server):
+    post(server, "/search", {"image_data": b64(png_bytes(random_image(11))), "texts": unique_texts(1)})
+    text = server.metrics()
+    assert metric_value(text, "clip_requests_total", endpoint="/search", status="200") >= 1
+    assert metric_value(text, "clip_request_duration_seconds_count", endpoint="/search") >= 1
+    assert metric_value(text, "clip_embedding_duration_seconds_count", kind="image") >= 1
+    assert metric_value(text, "clip_similarity_scores_count") >= 1
+    assert metric_value(text, "clip_cache_misses_total") >= 1
+    assert metric_samples(text, "clip_cache_hit_rate")
+    assert metric_samples(text, "queue_depth", model="clip") == [0.0]  # nothing waiting once answered
+    assert not metric_samples(text, "clip_gpu_memory_utilization_percent")  # no GPU here, so no series
