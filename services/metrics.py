@@ -16,11 +16,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SIMILARITY_BUCKETS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
 
-# Requests, by the public route they came to
-REQUESTS = Counter("clip_requests_total", "CLIP requests by endpoint and HTTP status", ["endpoint", "status"])
-REQUEST_DURATION = Histogram(
-    "clip_request_duration_seconds", "CLIP request latency", ["endpoint"], buckets=LATENCY_BUCKETS
-)
+# Requests, by model family and the public route they came to: clip_requests_total, ...
+FAMILIES = ("clip", "whisper", "llava")
+REQUESTS = {
+    family: Counter(f"{family}_requests_total", f"{family} requests by endpoint and HTTP status", ["endpoint", "status"])
+    for family in FAMILIES
+}
+REQUEST_DURATION = {
+    family: Histogram(f"{family}_request_duration_seconds", f"{family} request latency", ["endpoint"], buckets=LATENCY_BUCKETS)
+    for family in FAMILIES
+}
 
 # The model service
 EMBEDDING_DURATION = Histogram(
@@ -84,14 +89,15 @@ def record_gpu() -> None:
 
 
 class RequestMetricsMiddleware:
-    """Counts and times requests to the routes it is given (other paths stay unlabelled)."""
+    """Counts and times requests to known routes, by family (other paths stay unlabelled)."""
 
-    def __init__(self, app: ASGIApp, endpoints: frozenset[str]) -> None:
-        self.app, self.endpoints = app, endpoints
+    def __init__(self, app: ASGIApp, families: dict[str, str]) -> None:
+        self.app, self.families = app, families  # route -> model family
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path not in self.endpoints:
+        family = self.families.get(path)
+        if scope["type"] != "http" or family is None:
             await self.app(scope, receive, send)
             return
         status = 500
@@ -106,5 +112,5 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, capture)
         finally:
-            REQUEST_DURATION.labels(path).observe(time.perf_counter() - start)
-            REQUESTS.labels(path, str(status)).inc()
+            REQUEST_DURATION[family].labels(path).observe(time.perf_counter() - start)
+            REQUESTS[family].labels(path, str(status)).inc()
