@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
 export MULTIMODAL_PROFILE ?= tiny
+export BENTOML_CONFIG ?= $(CURDIR)/configuration/bentoml.yaml
+export BENTOML_DO_NOT_TRACK ?= true
 # Debian packages the test suite starts or shells out to.
 TEST_SYSTEM_PACKAGES := redis-server
 

@@ -93,8 +93,8 @@ def settings_table() -> str:
         alias = field.validation_alias
         names = list(alias.choices) if isinstance(alias, AliasChoices) else [PREFIX + name.upper()]
         names = list(dict.fromkeys(str(n) for n in names))
-        default = field.default if field.default is not None else ""
-        rows.append(f"| {' / '.join(f'`{n}`' for n in names)} | `{default}` | {field.description} |")
+        default = f"`{field.default}`" if field.default is not None else "unset"
+        rows.append(f"| {' / '.join(f'`{n}`' for n in names)} | {default} | {field.description} |")
     return "\n".join(rows)
 
 

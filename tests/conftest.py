@@ -101,7 +101,13 @@ def serve_product(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -
         home = tmp_path_factory.mktemp("bentoml-home")
         (home / "models").symlink_to(model_store, target_is_directory=True)
         port = free_port()
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **env_overrides}
+        env = {
+            **os.environ,
+            "BENTOML_HOME": str(home),
+            "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+            **env_overrides,
+        }
         cmd = [str(BIN / "bentoml"), "serve", "services.gateway:Gateway", "--port", str(port), "--host", "127.0.0.1"]
         process = start(cmd, home / "serve.log", env)
         server = Server(f"http://127.0.0.1:{port}", process)

@@ -1,0 +1,64 @@
+"""Safe image decoding: every kind of hostile input becomes a 4xx APIError."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from PIL import Image
+
+from services.errors import APIError
+from services.media import decode_base64, decode_image, open_image
+from tests.helpers import b64, data_url, png_bytes, png_header_only, random_image
+
+LIMITS = {"max_bytes": 1_000_000, "max_pixels": 1_000_000}
+
+
+def test_raw_base64_and_data_url_decode_to_the_same_rgb_image():
+    image = random_image(0)
+    data = png_bytes(image)
+    raw, url = decode_image(b64(data), param="p", **LIMITS), decode_image(data_url(data), param="p", **LIMITS)
+    assert raw.sha256 == url.sha256 == hashlib.sha256(data).hexdigest()
+    assert raw.image.mode == "RGB" and raw.image.tobytes() == image.tobytes()
+
+
+def test_line_wrapped_base64_is_accepted():
+    data = png_bytes(random_image(1))
+    wrapped = "\n".join(b64(data)[i : i + 76] for i in range(0, len(b64(data)), 76))
+    assert decode_base64(wrapped, param="p", max_bytes=LIMITS["max_bytes"]) == data
+
+
+def test_rgba_and_palette_images_become_rgb():
+    for mode in ("RGBA", "P", "L"):
+        decoded = decode_image(b64(png_bytes(Image.new(mode, (8, 8)))), param="p", **LIMITS)
+        assert decoded.image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "value,status,code",
+    [
+        ("not base64!", 400, "invalid_base64"),
+        ("", 400, "invalid_image"),
+        ("data:image/png,notbase64", 400, "invalid_image"),
+        (b64(b"plain text, not an image"), 400, "invalid_image"),
+        (b64(png_bytes(random_image(2))[:200]), 400, "invalid_image"),
+        (b64(png_header_only(20_000, 20_000)), 413, "image_too_large"),
+        (b64(png_header_only(1_001, 1_000)), 413, "image_too_large"),
+        (b64(b"\x00" * 2_000_000), 413, "image_too_large"),
+    ],
+    ids=["invalid", "empty", "non-base64 data url", "non-image", "truncated", "bomb header", "over pixel cap", "over byte cap"],
+)
+def test_hostile_inputs_are_client_errors(value, status, code):
+    with pytest.raises(APIError) as raised:
+        decode_image(value, param="image_data", **LIMITS)
+    assert (raised.value.status, raised.value.code, raised.value.param) == (status, code, "image_data")
+
+
+def test_formats_outside_the_allow_list_are_refused():
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "TIFF")
+    with pytest.raises(APIError) as raised:
+        open_image(buffer.getvalue(), param="p", max_pixels=100)
+    assert raised.value.status == 400
