@@ -135,5 +135,8 @@ class ClipAPI:
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
+    async def ready(self) -> None:
+        await self.embedder.card()
+
     async def model_ids(self) -> list[str]:
         return [(await self.embedder.card()).model]

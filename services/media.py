@@ -56,6 +56,16 @@ def decode_base64(value: str, *, param: str, max_bytes: int) -> bytes:
 
 def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
     """Decode to RGB, refusing non-images, other formats, bombs and truncated files."""
+    return _load(data, param=param, max_pixels=max_pixels).convert("RGB")
+
+
+def checked_data_url(data: bytes, *, param: str, max_pixels: int) -> str:
+    """A ``data:`` URL of ``data`` once it has decoded as an accepted image, its MIME type from its content."""
+    image = _load(data, param=param, max_pixels=max_pixels)
+    return f"data:{Image.MIME[image.format]};base64,{base64.b64encode(data).decode()}"
+
+
+def _load(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,7 +76,7 @@ def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
                     413, f"image is {width}x{height} pixels; at most {max_pixels} are accepted", code="image_too_large", param=param
                 )
             image.load()
-            return image.convert("RGB")
+            return image
     except APIError:
         raise
     except UnidentifiedImageError:

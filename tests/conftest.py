@@ -81,6 +81,7 @@ def wait_until(check: Callable[[], bool], process: Process, what: str, timeout: 
 class Server:
     url: str
     process: Process
+    env: dict[str, str]
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -106,11 +107,13 @@ def serve_product(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -
             "BENTOML_HOME": str(home),
             "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
             "BENTOML_DO_NOT_TRACK": "true",
+            # Servers may run side by side: each vLLM gets its own loopback port.
+            "MULTIMODAL_LLAVA_ENGINE_PORT": str(free_port()),
             **env_overrides,
         }
         cmd = [str(BIN / "bentoml"), "serve", "services.gateway:Gateway", "--port", str(port), "--host", "127.0.0.1"]
         process = start(cmd, home / "serve.log", env)
-        server = Server(f"http://127.0.0.1:{port}", process)
+        server = Server(f"http://127.0.0.1:{port}", process, env)
         wait_until(lambda: httpx.get(f"{server.url}/ready", timeout=5).status_code == 200, process, "bentoml serve")
         servers.append(server)
         return server

@@ -25,15 +25,18 @@ pytestmark = pytest.mark.integration
 TOLERANCE = 1e-4
 
 
+CLIP_ONLY = {"MULTIMODAL_FAMILIES": "clip"}
+
+
 @pytest.fixture(scope="module")
 def server(serve_product):
-    return serve_product()
+    return serve_product(**CLIP_ONLY)
 
 
 @pytest.fixture(scope="module")
 def uncached_server(serve_product):
     """No embedding cache, so repeated inputs really reach the model again."""
-    return serve_product(MULTIMODAL_CACHE_BACKEND="none")
+    return serve_product(MULTIMODAL_CACHE_BACKEND="none", **CLIP_ONLY)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +174,7 @@ def test_repeated_request_is_served_from_the_in_process_cache(server):
 
 
 def test_redis_cache_hits_and_survives_redis_dying(serve_product, redis_server, reference):
-    server = serve_product(MULTIMODAL_REDIS_URL=redis_server.url, MULTIMODAL_REDIS_RETRY_AFTER_SECONDS="0")
+    server = serve_product(MULTIMODAL_REDIS_URL=redis_server.url, MULTIMODAL_REDIS_RETRY_AFTER_SECONDS="0", **CLIP_ONLY)
     image = png_bytes(random_image(7))
     payload = {"image_data": b64(image), "texts": unique_texts(3)}
 

@@ -1,0 +1,98 @@
+"""LLaVA model service: vLLM's own OpenAI-compatible server, started and watched by BentoML.
+
+Why vLLM's server as a subprocess (BentoML's ``__command__`` and its reverse proxy) rather
+than vLLM's async engine inside this process:
+
+- vLLM's command line and HTTP API are its stable surface; its Python internals (engine
+  client, serving classes, ``init_app_state``) change shape between minor versions, which is
+  why BentoML's own vLLM examples moved to this design.
+- Continuous batching, the OpenAI protocol (streaming, ``n``, ``seed``, ``stop``, usage),
+  LLaVA's chat template and the engine's metrics come exactly as vLLM ships them.
+- An engine crash cannot take a BentoML worker down with it: ``__is_alive__`` and
+  ``__is_ready__`` report it, so Kubernetes restarts the pod and the gateway answers 503.
+
+vLLM listens on loopback only. BentoML proxies every route it does not own itself
+(``/v1/chat/completions``, ``/v1/models``, ``/health``) to it, and the entry service reaches
+those through this service's socket after checking every image itself: vLLM only ever
+receives ``data:`` URLs. vLLM inherits BentoML's ``PROMETHEUS_MULTIPROC_DIR``, so its
+``vllm:*`` metrics appear on the product's ``/metrics`` beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+
+import bentoml
+import httpx
+
+from configuration.profiles import model_spec
+from configuration.settings import get_settings
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+
+def _uses_gpu() -> bool:
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@bentoml.service(
+    name="LLaVA",
+    traffic={"timeout": settings.request_timeout_seconds},
+    http={"proxy_port": settings.llava_engine_port},
+    endpoints={"livez": "/health"},  # polled until vLLM answers, before the service counts as started
+    resources={"gpu": 1} if settings.device == "cuda" else {},
+    # See services/clip.py: keep one client session, or in-flight calls fail under load.
+    runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
+)
+class LLaVA:
+    model_ref = bentoml.models.BentoModel(model_spec("llava").tag)
+
+    def __command__(self) -> list[str]:
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_ref.path,
+            "--served-model-name", self.model_ref.tag.name,
+            "--host", "127.0.0.1",
+            "--port", str(settings.llava_engine_port),
+            "--dtype", settings.llava_dtype,
+            "--max-model-len", str(settings.llava_max_model_len),
+            "--max-num-seqs", str(settings.llava_max_num_seqs),
+            "--limit-mm-per-prompt", json.dumps({"image": settings.llava_max_images_per_request}),
+            "--disable-uvicorn-access-log",
+            "--disable-fastapi-docs",
+        ]  # fmt: skip
+        if _uses_gpu():
+            command += ["--gpu-memory-utilization", str(settings.llava_gpu_memory_utilization)]
+        else:
+            # vLLM on the CPU takes its KV cache from host memory; CUDA graphs do not apply.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llava_cpu_kv_cache_gib))
+            command += ["--enforce-eager"]
+        return command + shlex.split(settings.llava_engine_args)
+
+    def _engine_running(self) -> bool:
+        process = LLaVA.context.state.get("proc")
+        return process is not None and process.returncode is None
+
+    async def _engine_healthy(self) -> bool:
+        client: httpx.AsyncClient | None = LLaVA.context.state.get("client")
+        if client is None or not self._engine_running():
+            return False
+        try:
+            return (await client.get("/health", timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def __is_alive__(self) -> bool:
+        return self._engine_running()
+
+    async def __is_ready__(self) -> bool:
+        return await self._engine_healthy()
