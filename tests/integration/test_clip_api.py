@@ -278,3 +278,12 @@ def test_metrics_export_the_names_alerts_are_written_against(server):
     assert metric_samples(text, "clip_cache_hit_rate")
     assert metric_samples(text, "queue_depth", model="clip") == [0.0]  # nothing waiting once answered
     assert not metric_samples(text, "clip_gpu_memory_utilization_percent")  # no GPU here, so no series
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (5, 3), (1, 300)])
+def test_degenerate_image_shapes_equal_transformers(server, reference, size):
+    # Images 1 or 3 pixels wide or high look like channel axes; they must still be read right.
+    image = random_image(40, size)
+    response = post(server, "/search", {"image_data": b64(png_bytes(image)), "texts": ["a"], "return_embeddings": True})
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["embeddings"]["image"], reference.image_embedding(image), atol=TOLERANCE)
