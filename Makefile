@@ -10,7 +10,7 @@ export MULTIMODAL_PROFILE ?= tiny
 export BENTOML_CONFIG ?= $(CURDIR)/configuration/bentoml.yaml
 export BENTOML_DO_NOT_TRACK ?= true
 # Debian packages the test suite starts or shells out to.
-TEST_SYSTEM_PACKAGES := redis-server
+TEST_SYSTEM_PACKAGES := redis-server ffmpeg espeak-ng
 
 .PHONY: venv models serve system-packages test build clean
 

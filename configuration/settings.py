@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     clip_max_latency_ms: int = Field(
         10_000, ge=10, description="Latency budget of a CLIP batch; past it BentoML sheds load with 503."
     )
+    whisper_max_batch_size: int = Field(16, ge=1, description="Most 30-second windows in one Whisper decode batch.")
+    whisper_max_latency_ms: int = Field(
+        60_000, ge=10, description="Latency budget of a Whisper batch; past it BentoML sheds load with 503."
+    )
+    whisper_temperature_fallback: bool = Field(
+        False,
+        description="At temperature 0, retry a window at rising temperatures when its text looks failed "
+        "(openai-whisper's default); off keeps answers deterministic.",
+    )
 
     # Traffic
     max_concurrent_requests: int = Field(
@@ -57,6 +66,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height, checked before decoding.")
     max_inputs_per_request: int = Field(256, ge=1, description="Most texts or images in one request.")
     max_text_chars: int = Field(4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens).")
+    max_audio_bytes: int = Field(25 * 2**20, ge=1, description="Largest audio upload (OpenAI's 25 MB).")
+    max_audio_seconds: float = Field(
+        1800.0, gt=0, description="Longest audio accepted, in seconds; raise the request timeout with it."
+    )
+    ffmpeg_timeout_seconds: float = Field(30.0, gt=0, description="Wall-clock limit for decoding one upload with ffmpeg.")
 
     # Embedding cache
     cache_backend: Literal["memory", "redis", "none"] = Field(

@@ -47,6 +47,23 @@ CACHE_MISSES = Counter("clip_cache_misses_total", "Embedding cache misses", ["ki
 CACHE_HIT_RATE = Gauge("clip_cache_hit_rate", "Hit ratio since start", multiprocess_mode="livemostrecent")
 CACHE_ERRORS = Counter("clip_cache_errors_total", "Cache backend failures (served as misses)", ["backend"])
 
+# Whisper. Audio seconds and the real-time factor (processing time / audio duration, so
+# below 1 is faster than real time) are counted by the entry service per request; batch
+# sizes by the Whisper service per forward pass over 30-second windows.
+WHISPER_AUDIO_SECONDS = Counter("whisper_audio_seconds_total", "Seconds of audio transcribed or translated", ["task"])
+WHISPER_REAL_TIME_FACTOR = Histogram(
+    "whisper_real_time_factor",
+    "Processing time per second of audio, per request",
+    ["task"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WHISPER_BATCH_SIZE = Histogram(
+    "whisper_batch_size", "30-second windows per batched forward pass", ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+WHISPER_BATCH_DURATION = Histogram(
+    "whisper_batch_duration_seconds", "Time to decode one batch of windows", ["kind"], buckets=LATENCY_BUCKETS
+)
+
 # Autoscaling signal: model calls accepted by this pod and not yet answered
 QUEUE_DEPTH = Gauge("queue_depth", "Requests waiting for or inside a model batch", ["model"], multiprocess_mode="livesum")
 

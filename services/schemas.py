@@ -105,3 +105,56 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+# Whisper: OpenAI-compatible transcriptions and translations, and the native /transcribe
+
+
+class AudioUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: int = Field(description="Audio duration, rounded up to whole seconds.")
+
+
+class TranscriptionResponse(BaseModel):
+    """`response_format=json`."""
+
+    text: str
+    usage: AudioUsage | None = None
+
+
+class TranscriptionWord(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptionSegment(BaseModel):
+    id: int
+    seek: int = Field(description="Offset of the window this segment was decoded from, in 10 ms mel frames.")
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionVerboseResponse(BaseModel):
+    """`response_format=verbose_json`: segments and words as `timestamp_granularities[]` asks."""
+
+    task: Literal["transcribe", "translate"]
+    language: str = Field(description="The language's English name, lowercase, as OpenAI's API gives it.")
+    duration: float
+    text: str
+    segments: list[TranscriptionSegment] | None = None
+    words: list[TranscriptionWord] | None = None
+    usage: AudioUsage | None = None
+
+
+class TranscribeResponse(BaseModel):
+    """The original design's `/transcribe` answer."""
+
+    text: str
+    language: str = Field(description="ISO 639-1 code of the spoken (given or detected) language.")

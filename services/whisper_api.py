@@ -1,0 +1,388 @@
+"""The Whisper routes' logic: OpenAI-style transcriptions and translations, and ``/transcribe``.
+
+How a request is transcribed
+----------------------------
+Each request runs openai-whisper's own ``whisper.transcribe`` (seeking, timestamp rules,
+no-speech and fallback thresholds, language detection, word timestamps) on a worker thread,
+against ``RemoteWhisper``: a stand-in for the model whose ``decode`` and ``detect_language``
+send the window to the Whisper service (``services.whisper``), where BentoML's adaptive
+batcher merges it with every other request's windows into one batched forward pass. So
+for audio up to 30 s the answer *is* ``model.transcribe(audio, temperature=0,
+condition_on_previous_text=False)`` on the same weights, only decoded in company.
+
+Previous-text conditioning is off: with it, each window's prompt is the text before it, so
+windows in flight differ in their ``DecodingOptions`` and cannot share a batch (and it is
+what makes Whisper loop on its own output). Temperature fallback is off unless
+``MULTIMODAL_WHISPER_TEMPERATURE_FALLBACK`` is set, so that answers are deterministic.
+
+Long recordings: cut at quiet points, then stitched
+---------------------------------------------------
+``whisper.transcribe`` seeks sequentially: each 30-second window starts where the last
+complete segment of the previous one ended, so a 3-minute recording is at least six decodes
+one after another, each waiting for the last. Instead, a recording longer than 30 s is cut
+into chunks of at most 30 s *before* decoding, and every chunk runs its own
+``transcribe`` at the same time, so the chunks' windows meet in the same batches (and any
+re-seek inside a chunk is at most a second, short window). Cuts are silence-based rather
+than fixed windows with overlap: each cut is placed at the quietest 200 ms (by mean
+squared amplitude) of the last 5 s before the 30 s limit, so it falls in a pause between
+words when there is one, and stitching needs no de-duplication of overlapped text, which is
+fragile with Whisper's segment-level timestamps. Stitching shifts each chunk's segments and
+words by the chunk's start and concatenates texts. What this gives up against sequential
+seeking: a cut in continuous speech with no pause can split a word; no context crosses a
+cut (nor would it with conditioning off); segments end at cuts; and language detection
+looks at the first 30 s once for the whole recording, as ``transcribe`` does.
+
+Timestamps are clamped to the audio's duration and made non-decreasing: ``transcribe``
+can report times past the end of a short last window (the model sees 30 s of padded audio).
+Word timestamps come from openai-whisper's cross-attention alignment, run in the Whisper
+service (``find_alignment`` needs the model's internals; see ``RemoteWhisper``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import whisper
+import whisper.timing
+from fastapi import UploadFile
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from whisper.decoding import DecodingOptions, DecodingResult
+from whisper.model import ModelDimensions
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer
+from whisper.utils import WriteSRT, WriteVTT
+
+from configuration.settings import Settings
+from services import metrics
+from services.audio import AudioLimits, DecodedAudio, decode_audio
+from services.errors import APIError
+from services.schemas import (
+    AudioUsage,
+    TranscribeResponse,
+    TranscriptionResponse,
+    TranscriptionSegment,
+    TranscriptionVerboseResponse,
+    TranscriptionWord,
+)
+from services.whisper import AlignJob, WhisperModelCard, WindowJob
+
+ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe"})
+MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+Granularity = Literal["segment", "word"]
+Task = Literal["transcribe", "translate"]
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's default
+
+CUT_SEARCH_SAMPLES = 5 * SAMPLE_RATE  # where a cut may go: the last 5 s before the 30 s limit
+ENERGY_FRAME = SAMPLE_RATE // 50  # 20 ms
+QUIET_FRAMES = 10  # 200 ms: a pause between words, not a stop consonant inside one
+
+# The stand-in model has its device on the CPU (mels are made here); on a GPU host
+# transcribe would warn about that on every request.
+warnings.filterwarnings("ignore", message="Performing inference on CPU when CUDA is available")
+
+
+def plan_chunks(samples: np.ndarray) -> list[tuple[int, int]]:
+    """Cut a recording into [start, end) sample ranges of at most 30 s, each cut at a quiet point."""
+    spans, start, total = [], 0, len(samples)
+    while total - start > N_SAMPLES:
+        low = start + N_SAMPLES - CUT_SEARCH_SAMPLES
+        frames = samples[low : start + N_SAMPLES].reshape(-1, ENERGY_FRAME).astype(np.float64)
+        energy = np.convolve((frames**2).mean(axis=1), np.ones(QUIET_FRAMES) / QUIET_FRAMES, mode="valid")
+        quietest = int(np.argmin(energy))  # first of QUIET_FRAMES frames; cut in their middle
+        cut = low + (quietest + QUIET_FRAMES // 2) * ENERGY_FRAME
+        spans.append((start, cut))
+        start = cut
+    spans.append((start, total))
+    return spans
+
+
+class RemoteWhisper:
+    """Enough of ``whisper.model.Whisper`` for ``whisper.transcribe``, decoding in the Whisper service.
+
+    ``transcribe`` reads ``dims``, ``device``, ``is_multilingual`` and ``num_languages`` and
+    calls ``decode`` and ``detect_language``; those two send the window to the service's
+    batchable APIs and block this worker thread until the batch it joined is done. Word
+    timestamps call ``whisper.timing.find_alignment(model, ...)``, which needs the model's
+    cross-attention; it is routed to the service's ``align_words`` (see ``_find_alignment``).
+    """
+
+    def __init__(self, card: WhisperModelCard, client: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.dims = ModelDimensions(**card.dims)
+        self.is_multilingual, self.num_languages = card.multilingual, card.num_languages
+        self.device = torch.device("cpu")  # where transcribe puts mels: they travel from here
+        self._client, self._loop = client, loop
+        self.cancelled = False
+
+    def _call(self, method: str, argument: Any) -> Any:
+        if self.cancelled:  # the request is gone: stop its other chunks at their next window
+            raise asyncio.CancelledError
+        client = self._client
+
+        async def call() -> Any:
+            with metrics.queued("whisper"):
+                return await getattr(client, method)(argument)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def decode(self, mel: torch.Tensor, options: DecodingOptions) -> DecodingResult | list[DecodingResult]:
+        single = mel.ndim == 2
+        mels = [mel] if single else list(mel)
+        results = [self._call("decode_windows", [WindowJob(mel=m.float().contiguous().numpy(), options=asdict(options))])[0] for m in mels]
+        decoded = [DecodingResult(audio_features=torch.empty(0), **result.model_dump()) for result in results]
+        return decoded[0] if single else decoded
+
+    def detect_language(self, mel: torch.Tensor, tokenizer: Tokenizer | None = None) -> tuple[torch.Tensor, Any]:
+        single = mel.ndim == 2
+        mels = [m.float().contiguous().numpy() for m in ([mel] if single else list(mel))]
+        probabilities: list[dict[str, float]] = self._call("detect_language", mels)
+        tokenizer = whisper.tokenizer.get_tokenizer(self.is_multilingual, num_languages=self.num_languages)
+        tokens = torch.tensor([tokenizer.to_language_token(max(p, key=p.get)) for p in probabilities])
+        return (tokens[0], probabilities[0]) if single else (tokens, probabilities)
+
+    def find_alignment(
+        self, tokenizer: Tokenizer, text_tokens: list[int], mel: torch.Tensor, num_frames: int, **kwargs: Any
+    ) -> list[whisper.timing.WordTiming]:
+        if not text_tokens:
+            return []
+        job = AlignJob(
+            language=tokenizer.language,
+            task=tokenizer.task or "transcribe",
+            text_tokens=text_tokens,
+            mel=mel.float().contiguous().numpy(),
+            num_frames=num_frames,
+            **kwargs,
+        )
+        timings = self._call("align_words", job)
+        return [
+            whisper.timing.WordTiming(t.word, t.tokens, np.float64(t.start), np.float64(t.end), t.probability)
+            for t in timings
+        ]
+
+
+_library_find_alignment = getattr(whisper.timing.find_alignment, "library_version", whisper.timing.find_alignment)
+
+
+def _find_alignment(model: Any, tokenizer: Tokenizer, text_tokens: list[int], mel: torch.Tensor, num_frames: int, **kwargs: Any):
+    """``whisper.timing.find_alignment``, sending a ``RemoteWhisper``'s work to the Whisper service.
+
+    ``add_word_timestamps`` looks the function up in its module when it runs, and has no
+    other seam: this is the one patch of openai-whisper, and it changes nothing for real models.
+    """
+    if isinstance(model, RemoteWhisper):
+        return model.find_alignment(tokenizer, text_tokens, mel, num_frames, **kwargs)
+    return _library_find_alignment(model, tokenizer, text_tokens, mel, num_frames, **kwargs)
+
+
+_find_alignment.library_version = _library_find_alignment  # type: ignore[attr-defined]
+whisper.timing.find_alignment = _find_alignment
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str  # ISO 639-1 code
+    duration: float
+    segments: list[dict[str, Any]]  # transcribe's segments, on the recording's time line
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return round(min(max(value, low), high), 3)
+
+
+def stitch(chunks: list[tuple[int, int]], results: list[dict[str, Any]], duration: float) -> list[dict[str, Any]]:
+    """Segments (and their words) of every chunk on one time line, clamped and non-decreasing."""
+    segments: list[dict[str, Any]] = []
+    last_start = last_word_start = 0.0
+    for (begin, end), result in zip(chunks, results):
+        offset, limit = begin / SAMPLE_RATE, min(end / SAMPLE_RATE, duration)
+        for segment in result["segments"]:
+            if not segment["text"].strip():
+                continue  # transcribe blanks instantaneous or empty segments; they carry nothing
+            start = _clamp(offset + segment["start"], last_start, limit)
+            words = []
+            for word in segment.get("words", []):
+                word_start = _clamp(offset + word["start"], last_word_start, limit)
+                words.append({"word": word["word"], "start": word_start, "end": _clamp(offset + word["end"], word_start, limit)})
+                last_word_start = word_start
+            segments.append(
+                {
+                    **{k: segment[k] for k in ("text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")},
+                    "id": len(segments),
+                    "seek": segment["seek"] + begin // HOP_LENGTH,
+                    "start": start,
+                    "end": _clamp(offset + segment["end"], start, limit),
+                    "words": words,
+                }
+            )
+            last_start = start
+    return segments
+
+
+def _subtitles(writer: type[WriteSRT] | type[WriteVTT], segments: list[dict[str, Any]]) -> str:
+    """openai-whisper's own SRT/VTT writers, one cue per segment."""
+    buffer = io.StringIO()
+    cues = [{"start": s["start"], "end": s["end"], "text": s["text"]} for s in segments]
+    writer(output_dir=".").write_result({"segments": cues}, file=buffer)
+    return buffer.getvalue()
+
+
+class WhisperAPI:
+    def __init__(self, whisper_service: Any, settings: Settings) -> None:
+        self._client = whisper_service.to_async  # the dependency proxy; its sync methods would block the event loop
+        self.settings = settings
+        self.limits = AudioLimits(settings.max_audio_bytes, settings.max_audio_seconds, settings.ffmpeg_timeout_seconds)
+        # transcribe runs one thread per chunk in flight; they mostly wait for their batch.
+        # Twice the batch size lets a full batch form while the last one's threads finish.
+        self._pool = ThreadPoolExecutor(max_workers=2 * settings.whisper_max_batch_size, thread_name_prefix="transcribe")
+        self._card: WhisperModelCard | None = None
+        self._card_lock = asyncio.Lock()
+
+    async def card(self) -> WhisperModelCard:
+        if self._card is None:
+            async with self._card_lock:
+                if self._card is None:
+                    self._card = await self._client.describe()
+        return self._card
+
+    async def ready(self) -> None:
+        await self.card()
+
+    async def model_ids(self) -> list[str]:
+        return [(await self.card()).model]
+
+    # Request checks
+
+    async def _check_model(self, model: str) -> None:
+        card = await self.card()
+        if model not in (card.model, *MODEL_ALIASES):
+            raise APIError(404, f"model {model!r} does not exist; see /v1/models", code="model_not_found", param="model")
+
+    async def _language(self, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        name = value.strip().lower()
+        code = name if name in LANGUAGES else TO_LANGUAGE_CODE.get(name)
+        supported = list(LANGUAGES)[: (await self.card()).num_languages]
+        if code not in supported:
+            raise APIError(400, f"unsupported language {value!r}; use an ISO 639-1 code", code="invalid_language", param="language")
+        return code
+
+    async def _decode(self, file: UploadFile) -> DecodedAudio:
+        data = await file.read(self.limits.max_bytes + 1)  # one byte past the cap is enough to refuse it
+        return await asyncio.to_thread(decode_audio, data, self.limits)
+
+    # Transcription
+
+    async def transcribe(
+        self, audio: DecodedAudio, *, task: Task, language: str | None, prompt: str | None, temperature: float, words: bool
+    ) -> Transcript:
+        card = await self.card()
+        loop = asyncio.get_running_loop()
+        model = RemoteWhisper(card, self._client, loop)
+        fallback = self.settings.whisper_temperature_fallback and temperature == 0
+        options: dict[str, Any] = dict(
+            task=task,
+            language=language,
+            temperature=FALLBACK_TEMPERATURES if fallback else temperature,
+            condition_on_previous_text=False,
+            initial_prompt=prompt or None,
+            word_timestamps=words,
+            fp16=False,  # the mels made here are fp32; the Whisper service picks its own precision
+            verbose=None,
+        )
+        chunks = plan_chunks(audio.samples)
+
+        def run(function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+            return loop.run_in_executor(self._pool, partial(function, *args))
+
+        try:
+            if len(chunks) > 1 and language is None and card.multilingual:
+                options["language"] = await run(self._detect_language, model, audio.samples)
+            results = await asyncio.gather(*(run(partial(whisper.transcribe, model, audio.samples[a:b], **options)) for a, b in chunks))
+        except BaseException:
+            model.cancelled = True
+            raise
+        return Transcript(
+            text="".join(result["text"] for result in results).strip(),
+            language=results[0]["language"],
+            duration=audio.duration,
+            segments=stitch(chunks, results, audio.duration),
+        )
+
+    @staticmethod
+    def _detect_language(model: RemoteWhisper, samples: np.ndarray) -> str:
+        """As ``transcribe`` does it: from the first 30 s, once for the whole recording."""
+        mel = pad_or_trim(log_mel_spectrogram(samples[:N_SAMPLES], model.dims.n_mels, padding=N_SAMPLES), N_FRAMES)
+        _, probabilities = model.detect_language(mel)
+        return max(probabilities, key=probabilities.get)
+
+    async def _run(
+        self, file: UploadFile, *, task: Task, language: str | None, prompt: str | None, temperature: float, words: bool
+    ) -> Transcript:
+        started = time.perf_counter()
+        audio = await self._decode(file)
+        transcript = await self.transcribe(audio, task=task, language=language, prompt=prompt, temperature=temperature, words=words)
+        metrics.WHISPER_AUDIO_SECONDS.labels(task).inc(audio.duration)
+        metrics.WHISPER_REAL_TIME_FACTOR.labels(task).observe((time.perf_counter() - started) / audio.duration)
+        return transcript
+
+    # Routes
+
+    async def openai(
+        self,
+        task: Task,
+        file: UploadFile,
+        model: str,
+        language: str | None,
+        prompt: str | None,
+        response_format: ResponseFormat,
+        temperature: float,
+        granularities: list[Granularity] | None,
+    ) -> Response:
+        """``/v1/audio/transcriptions`` and ``/v1/audio/translations``, as OpenAI's API answers them."""
+        await self._check_model(model)
+        if granularities and response_format != "verbose_json":
+            message = "timestamp_granularities[] needs response_format=verbose_json"
+            raise APIError(400, message, code="invalid_value", param="timestamp_granularities[]")
+        wanted = set(granularities or ["segment"])
+        transcript = await self._run(
+            file, task=task, language=await self._language(language), prompt=prompt, temperature=temperature, words="word" in wanted
+        )
+        usage = AudioUsage(seconds=math.ceil(transcript.duration)) if task == "transcribe" else None
+        if response_format == "json":
+            return JSONResponse(TranscriptionResponse(text=transcript.text, usage=usage).model_dump(exclude_none=True))
+        if response_format == "text":
+            return PlainTextResponse(transcript.text + "\n")
+        if response_format == "srt":
+            return PlainTextResponse(_subtitles(WriteSRT, transcript.segments))
+        if response_format == "vtt":
+            return Response(_subtitles(WriteVTT, transcript.segments), media_type="text/vtt; charset=utf-8")
+        verbose = TranscriptionVerboseResponse(
+            task=task,
+            language=LANGUAGES.get(transcript.language, transcript.language),
+            duration=round(transcript.duration, 3),
+            text=transcript.text,
+            segments=[TranscriptionSegment(**s) for s in transcript.segments] if "segment" in wanted else None,
+            words=[TranscriptionWord(**w) for s in transcript.segments for w in s["words"]] if "word" in wanted else None,
+            usage=usage,
+        )
+        return JSONResponse(verbose.model_dump(exclude_none=True))
+
+    async def transcribe_upload(self, file: UploadFile, language: str | None) -> TranscribeResponse:
+        """``/transcribe``: the original design's upload -> ``{text, language}``."""
+        transcript = await self._run(
+            file, task="transcribe", language=await self._language(language), prompt=None, temperature=0.0, words=False
+        )
+        return TranscribeResponse(text=transcript.text, language=transcript.language)
