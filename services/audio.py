@@ -91,7 +91,8 @@ def _check_wav_not_truncated(data: bytes, param: str) -> None:
         if chunk == b"data":
             # Streaming writers, which cannot seek back, leave the size as 0 or 0xFFFFFFFF.
             if size not in (0, 0xFFFFFFFF) and position + 8 + size > len(data):
-                raise _invalid(f"WAV file is truncated: {size} bytes of audio declared, {len(data) - position - 8} present", param)
+                present = len(data) - position - 8
+                raise _invalid(f"WAV file is truncated: {size} bytes of audio declared, {present} present", param)
             return
         position += 8 + size + (size & 1)
     raise _invalid("WAV file has no audio data", param)

@@ -145,7 +145,9 @@ class TranscriptionVerboseResponse(BaseModel):
     """`response_format=verbose_json`: segments and words as `timestamp_granularities[]` asks."""
 
     task: Literal["transcribe", "translate"]
-    language: str = Field(description="The language's English name, lowercase, as OpenAI's API gives it.")
+    language: str = Field(
+        description="English name, lowercase, as OpenAI gives it: the spoken language, or `english` for a translation."
+    )
     duration: float
     text: str
     segments: list[TranscriptionSegment] | None = None

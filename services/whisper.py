@@ -231,7 +231,7 @@ class Whisper:
                 medfilt_width=job.medfilt_width, qk_scale=job.qk_scale,
             )  # fmt: skip
         return [
-            WordTiming(word=t.word, tokens=list(t.tokens), start=float(t.start), end=float(t.end), probability=float(t.probability))
+            WordTiming(word=t.word, tokens=t.tokens, start=t.start, end=t.end, probability=t.probability)
             for t in timings
         ]
 

@@ -139,7 +139,8 @@ class RemoteWhisper:
     def decode(self, mel: torch.Tensor, options: DecodingOptions) -> DecodingResult | list[DecodingResult]:
         single = mel.ndim == 2
         mels = [mel] if single else list(mel)
-        results = [self._call("decode_windows", [WindowJob(mel=m.float().contiguous().numpy(), options=asdict(options))])[0] for m in mels]
+        jobs = [WindowJob(mel=m.float().contiguous().numpy(), options=asdict(options)) for m in mels]
+        results = [self._call("decode_windows", [job])[0] for job in jobs]  # one call each: they join batches apart
         decoded = [DecodingResult(audio_features=torch.empty(0), **result.model_dump()) for result in results]
         return decoded[0] if single else decoded
 
@@ -174,7 +175,9 @@ class RemoteWhisper:
 _library_find_alignment = getattr(whisper.timing.find_alignment, "library_version", whisper.timing.find_alignment)
 
 
-def _find_alignment(model: Any, tokenizer: Tokenizer, text_tokens: list[int], mel: torch.Tensor, num_frames: int, **kwargs: Any):
+def _find_alignment(
+    model: Any, tokenizer: Tokenizer, text_tokens: list[int], mel: torch.Tensor, num_frames: int, **kwargs: Any
+) -> list[whisper.timing.WordTiming]:
     """``whisper.timing.find_alignment``, sending a ``RemoteWhisper``'s work to the Whisper service.
 
     ``add_word_timestamps`` looks the function up in its module when it runs, and has no
@@ -197,6 +200,9 @@ class Transcript:
     segments: list[dict[str, Any]]  # transcribe's segments, on the recording's time line
 
 
+SEGMENT_FIELDS = ("text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+
+
 def _clamp(value: float, low: float, high: float) -> float:
     return round(min(max(value, low), high), 3)
 
@@ -214,11 +220,12 @@ def stitch(chunks: list[tuple[int, int]], results: list[dict[str, Any]], duratio
             words = []
             for word in segment.get("words", []):
                 word_start = _clamp(offset + word["start"], last_word_start, limit)
-                words.append({"word": word["word"], "start": word_start, "end": _clamp(offset + word["end"], word_start, limit)})
+                word_end = _clamp(offset + word["end"], word_start, limit)
+                words.append({"word": word["word"], "start": word_start, "end": word_end})
                 last_word_start = word_start
             segments.append(
                 {
-                    **{k: segment[k] for k in ("text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")},
+                    **{k: segment[k] for k in SEGMENT_FIELDS},
                     "id": len(segments),
                     "seek": segment["seek"] + begin // HOP_LENGTH,
                     "start": start,
@@ -245,7 +252,7 @@ class WhisperAPI:
         self.limits = AudioLimits(settings.max_audio_bytes, settings.max_audio_seconds, settings.ffmpeg_timeout_seconds)
         # transcribe runs one thread per chunk in flight; they mostly wait for their batch.
         # Twice the batch size lets a full batch form while the last one's threads finish.
-        self._pool = ThreadPoolExecutor(max_workers=2 * settings.whisper_max_batch_size, thread_name_prefix="transcribe")
+        self._pool = ThreadPoolExecutor(2 * settings.whisper_max_batch_size, thread_name_prefix="transcribe")
         self._card: WhisperModelCard | None = None
         self._card_lock = asyncio.Lock()
 
@@ -267,7 +274,8 @@ class WhisperAPI:
     async def _check_model(self, model: str) -> None:
         card = await self.card()
         if model not in (card.model, *MODEL_ALIASES):
-            raise APIError(404, f"model {model!r} does not exist; see /v1/models", code="model_not_found", param="model")
+            message = f"model {model!r} does not exist; see /v1/models"
+            raise APIError(404, message, code="model_not_found", param="model")
 
     async def _language(self, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -276,7 +284,8 @@ class WhisperAPI:
         code = name if name in LANGUAGES else TO_LANGUAGE_CODE.get(name)
         supported = list(LANGUAGES)[: (await self.card()).num_languages]
         if code not in supported:
-            raise APIError(400, f"unsupported language {value!r}; use an ISO 639-1 code", code="invalid_language", param="language")
+            message = f"unsupported language {value!r}; use an ISO 639-1 code"
+            raise APIError(400, message, code="invalid_language", param="language")
         return code
 
     async def _decode(self, file: UploadFile) -> DecodedAudio:
@@ -286,7 +295,14 @@ class WhisperAPI:
     # Transcription
 
     async def transcribe(
-        self, audio: DecodedAudio, *, task: Task, language: str | None, prompt: str | None, temperature: float, words: bool
+        self,
+        audio: DecodedAudio,
+        *,
+        task: Task,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        words: bool,
     ) -> Transcript:
         card = await self.card()
         loop = asyncio.get_running_loop()
@@ -310,7 +326,8 @@ class WhisperAPI:
         try:
             if len(chunks) > 1 and language is None and card.multilingual:
                 options["language"] = await run(self._detect_language, model, audio.samples)
-            results = await asyncio.gather(*(run(partial(whisper.transcribe, model, audio.samples[a:b], **options)) for a, b in chunks))
+            transcribe = partial(whisper.transcribe, model, **options)
+            results = await asyncio.gather(*(run(transcribe, audio.samples[a:b]) for a, b in chunks))
         except BaseException:
             model.cancelled = True
             raise
@@ -333,7 +350,9 @@ class WhisperAPI:
     ) -> Transcript:
         started = time.perf_counter()
         audio = await self._decode(file)
-        transcript = await self.transcribe(audio, task=task, language=language, prompt=prompt, temperature=temperature, words=words)
+        transcript = await self.transcribe(
+            audio, task=task, language=language, prompt=prompt, temperature=temperature, words=words
+        )
         metrics.WHISPER_AUDIO_SECONDS.labels(task).inc(audio.duration)
         metrics.WHISPER_REAL_TIME_FACTOR.labels(task).observe((time.perf_counter() - started) / audio.duration)
         return transcript
@@ -357,8 +376,9 @@ class WhisperAPI:
             message = "timestamp_granularities[] needs response_format=verbose_json"
             raise APIError(400, message, code="invalid_value", param="timestamp_granularities[]")
         wanted = set(granularities or ["segment"])
+        language = await self._language(language)
         transcript = await self._run(
-            file, task=task, language=await self._language(language), prompt=prompt, temperature=temperature, words="word" in wanted
+            file, task=task, language=language, prompt=prompt, temperature=temperature, words="word" in wanted
         )
         usage = AudioUsage(seconds=math.ceil(transcript.duration)) if task == "transcribe" else None
         if response_format == "json":
@@ -369,13 +389,15 @@ class WhisperAPI:
             return PlainTextResponse(_subtitles(WriteSRT, transcript.segments))
         if response_format == "vtt":
             return Response(_subtitles(WriteVTT, transcript.segments), media_type="text/vtt; charset=utf-8")
+        segments = transcript.segments
         verbose = TranscriptionVerboseResponse(
             task=task,
-            language=LANGUAGES.get(transcript.language, transcript.language),
+            # OpenAI's: the spoken language's name for a transcription, the output's for a translation.
+            language="english" if task == "translate" else LANGUAGES.get(transcript.language, transcript.language),
             duration=round(transcript.duration, 3),
             text=transcript.text,
-            segments=[TranscriptionSegment(**s) for s in transcript.segments] if "segment" in wanted else None,
-            words=[TranscriptionWord(**w) for s in transcript.segments for w in s["words"]] if "word" in wanted else None,
+            segments=[TranscriptionSegment(**s) for s in segments] if "segment" in wanted else None,
+            words=[TranscriptionWord(**w) for s in segments for w in s["words"]] if "word" in wanted else None,
             usage=usage,
         )
         return JSONResponse(verbose.model_dump(exclude_none=True))
