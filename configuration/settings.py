@@ -8,10 +8,10 @@ The README's settings table is generated from this class (``python -m configurat
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "MULTIMODAL_"
 
@@ -20,10 +20,23 @@ def _env(name: str, *legacy: str) -> AliasChoices:
     return AliasChoices(PREFIX + name, *legacy)
 
 
+def _comma_separated(value: object) -> object:
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+# A list given in the environment as "a,b,c".
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
+Families = Annotated[list[Literal["clip", "llava", "whisper"]], NoDecode, BeforeValidator(_comma_separated)]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True)
 
     # Models
+    families: Families = Field(
+        default_factory=lambda: ["clip", "llava", "whisper"],
+        description="Model families this deployment serves, comma separated; the others' routes answer 404.",
+    )
     profile: Literal["tiny", "production"] = Field(
         "tiny", description="Model profile: `tiny` (generated offline) or `production` (published weights)."
     )
@@ -88,6 +101,28 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(0.25, gt=0, description="Socket timeout of Redis calls; a slow Redis is a miss.")
     redis_retry_after_seconds: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long.")
 
+    # LLaVA through vLLM (its OpenAI server runs inside the LLaVA service)
+    llava_engine_port: int = Field(8000, description="Loopback port of the vLLM server inside the LLaVA service.")
+    llava_max_model_len: int = Field(2048, ge=64, description="Context length in tokens: prompt (image tokens included) plus completion.")
+    llava_max_num_seqs: int = Field(4, ge=1, description="Sequences vLLM batches at once (continuous batching).")
+    llava_max_tokens: int = Field(512, ge=1, description="Largest `max_tokens` a chat request may ask for (also the default).")
+    llava_max_images_per_request: int = Field(4, ge=1, description="Most images in one chat request.")
+    llava_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    llava_cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on a CPU machine (VLLM_CPU_KVCACHE_SPACE).")
+    llava_dtype: str = Field("auto", description="vLLM `--dtype` (`auto`, `float32`, `bfloat16`, `float16`).")
+    llava_engine_args: str = Field("", description="Extra vLLM server arguments, space separated.")
+
+    # Remote images (http/https image URLs); off by default: see services/fetch.py
+    image_fetch_enabled: bool = Field(False, description="Fetch http(s) image URLs at all.")
+    image_fetch_allowed_hosts: CommaList = Field(
+        default_factory=list, description="Host names that may be fetched, comma separated; empty: any public host."
+    )
+    image_fetch_trusted_networks: CommaList = Field(
+        default_factory=list, description="Non-public networks (CIDR) that may still be fetched from, comma separated."
+    )
+    image_fetch_timeout_seconds: float = Field(10.0, gt=0, description="Total time for fetching one image.")
+    image_fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed, each hop checked again.")
+
     @property
     def effective_cache_backend(self) -> str:
         if self.cache_backend == "memory" and self.redis_url:
@@ -107,7 +142,8 @@ def settings_table() -> str:
         alias = field.validation_alias
         names = list(alias.choices) if isinstance(alias, AliasChoices) else [PREFIX + name.upper()]
         names = list(dict.fromkeys(str(n) for n in names))
-        default = f"`{field.default}`" if field.default is not None else "unset"
+        value = field.default_factory() if field.default_factory else field.default
+        default = "unset" if value is None or value == [] else f"`{value}`"
         rows.append(f"| {' / '.join(f'`{n}`' for n in names)} | {default} | {field.description} |")
     return "\n".join(rows)
 

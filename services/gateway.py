@@ -16,16 +16,18 @@ import bentoml
 from fastapi import FastAPI, File, Form, UploadFile
 from starlette.responses import Response
 
+from configuration.profiles import model_spec
 from configuration.settings import get_settings
-from services import clip_api, metrics, whisper_api
+from services import chat_api, clip_api, metrics, whisper_api
 from services.cache import build_cache
+from services.chat_api import LlavaAPI
+from services.chat_schemas import ChatCompletionRequest
 from services.clip import CLIP
 from services.clip_api import ClipAPI
 from services.embeddings import ClipEmbedder
-from services.errors import error_response, install_error_handlers
+from services.errors import APIError, error_response, install_error_handlers
 from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
-from services.whisper import Whisper
-from services.whisper_api import Granularity, ResponseFormat, WhisperAPI
+from services.llava import LLaVA
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -39,12 +41,15 @@ from services.schemas import (
     SearchResponse,
     TranscribeResponse,
 )
+from services.whisper import Whisper
+from services.whisper_api import Granularity, ResponseFormat, WhisperAPI
 
 settings = get_settings()
 
 app = FastAPI(title="Multimodal serving", description="CLIP, LLaVA and Whisper behind one API.")
 install_error_handlers(app)
-ROUTE_FAMILIES = {route: "clip" for route in clip_api.ROUTES} | {route: "whisper" for route in whisper_api.ROUTES}
+ROUTE_FAMILIES = {route: "clip" for route in clip_api.ROUTES} | {route: "llava" for route in chat_api.ROUTES}
+ROUTE_FAMILIES |= {route: "whisper" for route in whisper_api.ROUTES}
 app.add_middleware(metrics.RequestMetricsMiddleware, families=ROUTE_FAMILIES)
 app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
 app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
@@ -53,30 +58,54 @@ app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="Gateway", traffic={"timeout": settings.request_timeout_seconds})
 class Gateway:
-    clip = bentoml.depends(CLIP)
-    whisper = bentoml.depends(Whisper)
+    # Only the enabled families' services are started (MULTIMODAL_FAMILIES), so a deployment
+    # without a GPU for LLaVA, say, serves CLIP and Whisper alone.
+    if "clip" in settings.families:
+        clip = bentoml.depends(CLIP)
+    if "llava" in settings.families:
+        llava = bentoml.depends(LLaVA)
+    if "whisper" in settings.families:
+        whisper = bentoml.depends(Whisper)
 
     def __init__(self) -> None:
-        self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
-        self.clip_api = ClipAPI(self.embedder, settings)
-        self.whisper_api = WhisperAPI(self.whisper, settings)
+        self.families: dict[str, ClipAPI | LlavaAPI | WhisperAPI] = {}
+        if "clip" in settings.families:
+            self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
+            self.families["clip"] = ClipAPI(self.embedder, settings)
+        if "llava" in settings.families:
+            self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, LLaVA.url)
+        if "whisper" in settings.families:
+            self.families["whisper"] = WhisperAPI(self.whisper, settings)
+
+    def _family(self, name: str):
+        api = self.families.get(name)
+        if api is None:
+            raise APIError(404, f"this deployment does not serve {name} (MULTIMODAL_FAMILIES)", code="not_served")
+        return api
 
     # CLIP
 
     @app.post("/search", response_model_exclude_none=True)
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Rank texts by cosine similarity to an image."""
-        return await self.clip_api.search(request)
+        return await self._family("clip").search(request)
 
     @app.post("/classify")
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Zero-shot classification: softmax over CLIP's scaled image-text logits."""
-        return await self.clip_api.classify(request)
+        return await self._family("clip").classify(request)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI-compatible embeddings of texts, and of images given as base64 ``data:`` URLs."""
-        return await self.clip_api.embeddings(request)
+        return await self._family("clip").embeddings(request)
+
+    # LLaVA
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, request: ChatCompletionRequest) -> Response:
+        """OpenAI-compatible chat with images (LLaVA through vLLM), streamed or not."""
+        return await self._family("llava").chat(request)
 
     # Whisper (multipart uploads, as OpenAI's audio API takes them)
 
@@ -92,7 +121,8 @@ class Gateway:
         timestamp_granularities: Annotated[list[Granularity] | None, Form(alias="timestamp_granularities[]")] = None,
     ) -> Response:
         """OpenAI-compatible speech to text (Whisper), in the language spoken."""
-        return await self.whisper_api.openai(
+        whisper = self._family("whisper")
+        return await whisper.openai(
             "transcribe", file, model, language, prompt, response_format, temperature, timestamp_granularities
         )
 
@@ -106,7 +136,8 @@ class Gateway:
         temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
     ) -> Response:
         """OpenAI-compatible speech to English text (Whisper's translate task)."""
-        return await self.whisper_api.openai("translate", file, model, None, prompt, response_format, temperature, None)
+        whisper = self._family("whisper")
+        return await whisper.openai("translate", file, model, None, prompt, response_format, temperature, None)
 
     @app.post("/transcribe")
     async def transcribe(
@@ -115,26 +146,26 @@ class Gateway:
         language: Annotated[str | None, Form(description="ISO 639-1 code; detected when unset.")] = None,
     ) -> TranscribeResponse:
         """Upload audio, get its text and (given or detected) language."""
-        return await self.whisper_api.transcribe_upload(file, language)
+        return await self._family("whisper").transcribe_upload(file, language)
 
     # Every family
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
-        ids = await self.clip_api.model_ids() + await self.whisper_api.model_ids()
+        ids = [model_id for api in self.families.values() for model_id in await api.model_ids()]
         return ModelList(data=[ModelObject(id=model_id) for model_id in ids])
 
     @app.get("/health")
     async def health(self) -> HealthResponse:
         """Liveness: answers without calling any model service."""
-        known = self.embedder.known_card
-        return HealthResponse(device=known.device if known else settings.device)
+        card = self.embedder.known_card if "clip" in self.families else None
+        return HealthResponse(device=card.device if card else settings.device)
 
     @app.get("/ready", response_model=ReadyResponse)
     async def ready(self):
-        """Readiness: every model service answers."""
+        """Readiness: every enabled model service answers."""
         try:
-            await asyncio.wait_for(asyncio.gather(self.embedder.card(), self.whisper_api.ready()), timeout=5)
+            await asyncio.wait_for(asyncio.gather(*(api.ready() for api in self.families.values())), timeout=5)
         except Exception as exc:
             return error_response(503, f"not ready: {exc or type(exc).__name__}", code="not_ready")
         return ReadyResponse()
