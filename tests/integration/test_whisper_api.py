@@ -81,7 +81,13 @@ def speech(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(serve_product):
-    return serve_product(MULTIMODAL_FAMILIES="whisper", MULTIMODAL_MAX_AUDIO_SECONDS=str(MAX_SECONDS))
+    # A generous request timeout: on a loaded 2-core machine the 3-minute recording can take
+    # tens of seconds, and a timeout would say nothing about the service.
+    return serve_product(
+        MULTIMODAL_FAMILIES="whisper",
+        MULTIMODAL_MAX_AUDIO_SECONDS=str(MAX_SECONDS),
+        MULTIMODAL_REQUEST_TIMEOUT_SECONDS="300",
+    )
 
 
 @pytest.fixture(scope="module")
