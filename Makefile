@@ -72,5 +72,10 @@ images: models $(IMAGE_REQUIREMENTS)
 base-image:
 	bentos/base-image.sh $(or $(BASE_IMAGE),localhost/multimodal-base:bookworm)
 
+# Kubernetes manifests (deploy/README.md): rewrites deploy/manifests/; the tests fail when it drifts.
+.PHONY: manifests
+manifests: venv
+	$(BIN)/python -m deploy.generate
+
 clean:
 	rm -rf $(VENV) .pytest_cache
