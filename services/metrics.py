@@ -6,6 +6,7 @@ multiprocess collector, so gauges name how their per-process values combine.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,6 +129,10 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, capture)
+        except asyncio.CancelledError:
+            # BentoML's timeout middleware cancels the request and answers 504 itself.
+            status = 504 if status == 500 else status
+            raise
         finally:
             REQUEST_DURATION[family].labels(path).observe(time.perf_counter() - start)
             REQUESTS[family].labels(path, str(status)).inc()

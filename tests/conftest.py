@@ -24,7 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-READY_TIMEOUT_SECONDS = 180
+# Generous: a vLLM engine on a busy 2-core machine can take minutes to start.
+READY_TIMEOUT_SECONDS = 600
 
 
 def free_port() -> int:
