@@ -10,7 +10,7 @@ export MULTIMODAL_PROFILE ?= tiny
 export BENTOML_CONFIG ?= $(CURDIR)/configuration/bentoml.yaml
 export BENTOML_DO_NOT_TRACK ?= true
 # Debian packages the test suite starts or shells out to.
-TEST_SYSTEM_PACKAGES := redis-server ffmpeg espeak-ng
+TEST_SYSTEM_PACKAGES := redis-server ffmpeg espeak-ng prometheus
 
 .PHONY: venv models serve system-packages test build clean
 
@@ -40,7 +40,7 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: models system-packages
+test: models system-packages tools
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 # A bentofile takes one requirements file: these are generated from requirements*.txt.
@@ -72,10 +72,19 @@ images: models $(IMAGE_REQUIREMENTS)
 base-image:
 	bentos/base-image.sh $(or $(BASE_IMAGE),localhost/multimodal-base:bookworm)
 
+# checkov (the deploy tests' linter) conflicts with the project's pins: it gets its own virtualenv.
+.PHONY: tools manifests
+TOOLS := .venv-tools
+$(TOOLS)/.installed: deploy/requirements-tools.txt
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check -r deploy/requirements-tools.txt
+	touch $@
+
+tools: $(TOOLS)/.installed
+
 # Kubernetes manifests (deploy/README.md): rewrites deploy/manifests/; the tests fail when it drifts.
-.PHONY: manifests
 manifests: venv
 	$(BIN)/python -m deploy.generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache
