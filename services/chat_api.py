@@ -10,6 +10,7 @@ put into the product's one error shape.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlsplit
@@ -136,4 +137,5 @@ class LlavaAPI:
             data = await self.fetcher.fetch(url)
         else:
             raise APIError(400, "image_url must be a data: URL or an http(s) URL", code="invalid_image", param=param)
-        return checked_data_url(data, param=param, max_pixels=self.settings.max_image_pixels)
+        # Decoding is CPU work: off the event loop, so other requests keep moving meanwhile.
+        return await asyncio.to_thread(checked_data_url, data, param=param, max_pixels=self.settings.max_image_pixels)

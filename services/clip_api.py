@@ -55,14 +55,19 @@ class ClipAPI:
                 message = f"text inputs are limited to {self.settings.max_text_chars} characters"
                 raise APIError(400, message, code="text_too_long", param=f"{param}[{i}]")
 
-    def _decode(self, value: str, param: str) -> DecodedImage:
-        return decode_image(
-            value, param=param, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
+    async def _decode(self, value: str, param: str) -> DecodedImage:
+        # Decoding is CPU work: off the event loop, so other requests keep moving meanwhile.
+        return await asyncio.to_thread(
+            decode_image,
+            value,
+            param=param,
+            max_bytes=self.settings.max_image_bytes,
+            max_pixels=self.settings.max_image_pixels,
         )
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         self._check_texts(request.texts, "texts")
-        image = self._decode(request.image_data, "image_data")
+        image = await self._decode(request.image_data, "image_data")
         image_vectors, text_vectors = await asyncio.gather(
             self.embedder.embed_images([image.image], [image.sha256]), self.embedder.embed_texts(request.texts)
         )
@@ -82,7 +87,7 @@ class ClipAPI:
         if "{}" not in request.template:
             raise APIError(400, "template must contain {} where the label goes", code="invalid_value", param="template")
         self._check_texts(request.labels, "labels")
-        image = self._decode(request.image_data, "image_data")
+        image = await self._decode(request.image_data, "image_data")
         prompts = [request.template.replace("{}", label) for label in request.labels]
         card, image_vectors, text_vectors = await asyncio.gather(
             self.embedder.card(),
@@ -113,7 +118,7 @@ class ClipAPI:
         text_at = [i for i, value in enumerate(inputs) if not is_data_url(value)]
         texts = [inputs[i] for i in text_at]
         self._check_texts(texts, "input")
-        images = [self._decode(inputs[i], f"input[{i}]") for i in image_at]
+        images = await asyncio.gather(*(self._decode(inputs[i], f"input[{i}]") for i in image_at))
 
         vectors = np.empty((len(inputs), card.embedding_dim), dtype=np.float32)
         tokens = 0
