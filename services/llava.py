@@ -58,7 +58,7 @@ class LLaVA:
 
     def __command__(self) -> list[str]:
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            sys.executable, "-m", "services.llava",  # becomes vLLM's server: see the end of this file
             "--model", self.model_ref.path,
             "--served-model-name", self.model_ref.tag.name,
             "--host", "127.0.0.1",
@@ -96,3 +96,16 @@ class LLaVA:
 
     async def __is_ready__(self) -> bool:
         return await self._engine_healthy()
+
+
+PR_SET_PDEATHSIG = 1
+
+if __name__ == "__main__":
+    # Started by __command__: ask the kernel to send SIGTERM if the BentoML worker that started
+    # this process dies, however it dies, then become vLLM's server. Without it a killed worker
+    # leaves vLLM running, holding the accelerator's memory and its port, and the next start fails.
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]])

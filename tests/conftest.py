@@ -53,8 +53,14 @@ class Process:
             try:
                 self.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+                pass
+        # Whatever the group left behind (a vLLM engine core orphaned by a test that killed its
+        # server holds gigabytes) goes too.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Process:

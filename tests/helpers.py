@@ -43,6 +43,16 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
 
 
+def image_chat(url: str, text: str = "What is shown in this image?") -> list[dict]:
+    """OpenAI chat messages: one user turn with an image and a question."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+def chat_body(url: str, text: str = "What is shown in this image?", max_tokens: int = 4) -> dict:
+    """A /v1/chat/completions body for the tiny LLaVA."""
+    return {"model": "tiny-llava", "max_tokens": max_tokens, "messages": image_chat(url, text)}
+
+
 def metric_samples(text: str, name: str, **labels: str) -> list[float]:
     """Values of the samples called ``name`` whose labels include ``labels``."""
     return [

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.manifests import checked_in, rendered
 from tests.deploy.promql import manifest_expressions, metric_names
-from tests.helpers import b64, data_url, png_bytes, random_image
+from tests.helpers import b64, chat_body, data_url, png_bytes, random_image
 
 # Sampled only where a GPU is (services.metrics.record_gpu returns early without CUDA, and the
 # gauges are labelled by GPU index, so a CPU host exports no series of them at all).
@@ -62,19 +62,7 @@ def scraped(serve_product) -> set[str]:
         httpx.post(f"{server.url}/search", json={"image_data": b64(image), "texts": ["a cat", "a dog"]}, timeout=120),
         httpx.post(
             f"{server.url}/v1/chat/completions",
-            json={
-                "model": "tiny-llava",
-                "max_tokens": 4,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": data_url(image)}},
-                            {"type": "text", "text": "What is it?"},
-                        ],
-                    }
-                ],
-            },
+            json=chat_body(data_url(image), "What is it?"),
             timeout=300,
         ),
         httpx.post(

@@ -25,7 +25,7 @@ import yaml
 from deploy import generate
 from tests.conftest import REPO, Process, free_port, start, wait_until
 from tests.deploy.test_metrics_scrape import wav_bytes
-from tests.helpers import b64, data_url, png_bytes, random_image
+from tests.helpers import b64, chat_body, data_url, png_bytes, random_image
 
 pytestmark = pytest.mark.integration
 BENTO = "services.gateway:Gateway"  # $BENTO_PATH: the source tree stands in for the built bento
@@ -124,19 +124,7 @@ def test_every_family_answers_through_the_entry_service_and_each_pod_exports_its
     assert search.status_code == 200, search.text
     chat = httpx.post(
         f"{gateway}/v1/chat/completions",
-        json={
-            "model": "tiny-llava",
-            "max_tokens": 4,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": data_url(image)}},
-                        {"type": "text", "text": "Hi"},
-                    ],
-                }
-            ],
-        },
+        json=chat_body(data_url(image), "Hi"),
         timeout=300,
     )
     assert chat.status_code == 200, chat.text

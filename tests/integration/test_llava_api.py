@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -17,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import bentoml
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.conftest import REPO, free_port
-from tests.helpers import b64, data_url, metric_samples, png_bytes, png_header_only, random_image
+from tests.helpers import b64, data_url, image_chat, metric_samples, png_bytes, png_header_only, random_image
 
 pytestmark = pytest.mark.integration
 MAX_MODEL_LEN = 512
@@ -44,10 +46,6 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def image_message(url: str, text: str = "What is shown in this image?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
-
-
 def chat(client: openai.OpenAI, messages: list[dict], **options) -> str:
     response = client.chat.completions.create(model="tiny-llava", messages=messages, max_tokens=12, temperature=0, **options)
     return response.choices[0].message.content
@@ -57,12 +55,16 @@ def offline_vllm_chat(messages: list[dict], max_tokens: int) -> dict:
     """vLLM's own ``LLM.chat`` on the same weights, in a process of its own."""
     request = {"messages": messages, "max_tokens": max_tokens, "dtype": "float32", "max_model_len": MAX_MODEL_LEN}
     model_dir = bentoml.models.get("tiny-llava").path
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.tools.vllm_offline_chat", model_dir, json.dumps(request)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"offline vLLM failed:\n{run.stderr[-3000:]}"
+    command = [sys.executable, "-m", "tests.tools.vllm_offline_chat", model_dir, json.dumps(request)]
+    # A session of its own, ended whole afterwards: vLLM's engine core outlives the script otherwise.
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"offline vLLM failed:\n{stderr[-3000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -70,7 +72,7 @@ def offline_vllm_chat(messages: list[dict], max_tokens: int) -> dict:
 
 
 def test_chat_with_an_image_equals_vllm_offline_chat(client):
-    messages = image_message(data_url(IMAGE))
+    messages = image_chat(data_url(IMAGE))
     response = client.chat.completions.create(model="tiny-llava", messages=messages, max_tokens=12, temperature=0)
     streamed = client.chat.completions.create(
         model="tiny-llava", messages=messages, max_tokens=12, temperature=0, stream=True
@@ -85,7 +87,7 @@ def test_chat_with_an_image_equals_vllm_offline_chat(client):
 
 
 def test_stream_is_server_sent_events_ending_with_done(server):
-    body = {"model": "tiny-llava", "messages": image_message(data_url(IMAGE)), "max_tokens": 4, "stream": True}
+    body = {"model": "tiny-llava", "messages": image_chat(data_url(IMAGE)), "max_tokens": 4, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -112,7 +114,7 @@ def test_sampling_options_pass_through(client):
 def test_eight_concurrent_chats_all_succeed(client):
     images = [data_url(png_bytes(random_image(30 + i))) for i in range(8)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(lambda url: chat(client, image_message(url)), images))
+        answers = list(pool.map(lambda url: chat(client, image_chat(url)), images))
     assert len(answers) == 8 and all(isinstance(answer, str) for answer in answers)
 
 
@@ -122,7 +124,7 @@ def test_models_lists_every_served_family(server):
 
 
 def test_vllm_metrics_appear_on_the_product_metrics(server, client):
-    chat(client, image_message(data_url(IMAGE)))
+    chat(client, image_chat(data_url(IMAGE)))
     text = httpx.get(f"{server.url}/metrics").text
     assert metric_samples(text, "vllm:num_requests_running", model_name="tiny-llava")
     assert metric_samples(text, "llava_requests_total", endpoint="/v1/chat/completions", status="200")
@@ -134,12 +136,12 @@ def test_vllm_metrics_appear_on_the_product_metrics(server, client):
 @pytest.mark.parametrize(
     "name,messages,options,error,code",
     [
-        ("too many images", image_message(data_url(IMAGE)) * 5, {}, openai.BadRequestError, "too_many_images"),
-        ("over-large image", image_message(data_url(png_header_only(20_000, 20_000))), {}, openai.APIStatusError, "image_too_large"),
-        ("undecodable image", image_message("data:image/png;base64,AAAA"), {}, openai.BadRequestError, "invalid_image"),
+        ("too many images", image_chat(data_url(IMAGE)) * 5, {}, openai.BadRequestError, "too_many_images"),
+        ("over-large image", image_chat(data_url(png_header_only(20_000, 20_000))), {}, openai.APIStatusError, "image_too_large"),
+        ("undecodable image", image_chat("data:image/png;base64,AAAA"), {}, openai.BadRequestError, "invalid_image"),
         ("prompt longer than the context", [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}], {}, openai.BadRequestError, "context_length_exceeded"),
         ("max_tokens over the limit", [{"role": "user", "content": "hi"}], {"max_tokens": 100_000}, openai.BadRequestError, "invalid_value"),
-        ("remote fetching of a file: URL", image_message("file:///etc/passwd"), {}, openai.BadRequestError, "invalid_image"),
+        ("remote fetching of a file: URL", image_chat("file:///etc/passwd"), {}, openai.BadRequestError, "invalid_image"),
     ],
 )  # fmt: skip
 def test_bad_chat_requests_are_4xx_in_the_error_shape(client, name, messages, options, error, code):
@@ -206,7 +208,7 @@ def image_server(loopback_listener) -> Iterator[str]:
 
 
 def test_an_allowed_image_url_is_fetched_and_answered(client, image_server):
-    assert chat(client, image_message(f"{image_server}/cat.png")) == chat(client, image_message(data_url(IMAGE)))
+    assert chat(client, image_chat(f"{image_server}/cat.png")) == chat(client, image_chat(data_url(IMAGE)))
 
 
 @pytest.mark.parametrize(
@@ -225,7 +227,7 @@ def test_image_urls_to_internal_addresses_are_refused_without_connecting(client,
     port = loopback_listener.getsockname()[1]
     url = f"{image_server}/redirect" if url == "redirect" else url.format(port=port)
     with pytest.raises(openai.BadRequestError) as raised:
-        chat(client, image_message(url))
+        chat(client, image_chat(url))
     assert raised.value.body["code"] == "image_url_forbidden"
     assert select.select([loopback_listener], [], [], 0.2)[0] == [], "the loopback listener was connected to"
 
@@ -238,8 +240,10 @@ def test_a_dead_engine_fails_readiness_and_answers_503(server, client):
     found = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.openai.api_server.*--port {engine_port}"], capture_output=True, text=True)
     pids = [int(pid) for pid in found.stdout.split()]
     assert pids, "no vLLM server process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    for pid in pids:  # the server and its engine processes (they run in a session of their own)
+        server_process = psutil.Process(pid)
+        for process in [*server_process.children(recursive=True), server_process]:
+            process.kill()
 
     ready = httpx.get(f"{server.url}/ready", timeout=10)
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
