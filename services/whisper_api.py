@@ -4,7 +4,7 @@ How a request is transcribed
 ----------------------------
 Each request runs openai-whisper's own ``whisper.transcribe`` (seeking, timestamp rules,
 no-speech and fallback thresholds, language detection, word timestamps) on a worker thread,
-against ``RemoteWhisper``: a stand-in for the model whose ``decode`` and ``detect_language``
+against ``RemoteWhisper`` (``services.remote_whisper``): a stand-in for the model whose ``decode`` and ``detect_language``
 send the window to the Whisper service (``services.whisper``), where BentoML's adaptive
 batcher merges it with every other request's windows into one batched forward pass. So
 for audio up to 30 s the answer *is* ``model.transcribe(audio, temperature=0,
@@ -15,8 +15,8 @@ windows in flight differ in their ``DecodingOptions`` and cannot share a batch (
 what makes Whisper loop on its own output). Temperature fallback is off unless
 ``MULTIMODAL_WHISPER_TEMPERATURE_FALLBACK`` is set, so that answers are deterministic.
 
-Long recordings: cut at quiet points, then stitched
----------------------------------------------------
+Long recordings: cut at quiet points, then stitched (``services.long_audio``)
+-----------------------------------------------------------------------------
 ``whisper.transcribe`` seeks sequentially: each 30-second window starts where the last
 complete segment of the previous one ended, so a 3-minute recording is at least six decodes
 one after another, each waiting for the last. Instead, a recording longer than 30 s is cut
@@ -35,7 +35,7 @@ looks at the first 30 s once for the whole recording, as ``transcribe`` does.
 Timestamps are clamped to the audio's duration and made non-decreasing: ``transcribe``
 can report times past the end of a short last window (the model sees 30 s of padded audio).
 Word timestamps come from openai-whisper's cross-attention alignment, run in the Whisper
-service (``find_alignment`` needs the model's internals; see ``RemoteWhisper``).
+service (``find_alignment`` needs the model's internals; see ``services.remote_whisper``).
 """
 
 from __future__ import annotations
@@ -44,23 +44,19 @@ import asyncio
 import io
 import math
 import time
-import warnings
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
 import numpy as np
-import torch
 import whisper
 import whisper.timing
 from fastapi import UploadFile
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from whisper.decoding import DecodingOptions, DecodingResult
-from whisper.model import ModelDimensions
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer
+from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from configuration.settings import Settings
@@ -75,7 +71,9 @@ from services.schemas import (
     TranscriptionVerboseResponse,
     TranscriptionWord,
 )
-from services.whisper import AlignJob, WhisperModelCard, WindowJob
+from services.long_audio import plan_chunks, stitch
+from services.remote_whisper import RemoteWhisper
+from services.whisper import WhisperModelCard
 
 ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe"})
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
@@ -84,113 +82,6 @@ Granularity = Literal["segment", "word"]
 Task = Literal["transcribe", "translate"]
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's default
 
-CUT_SEARCH_SAMPLES = 5 * SAMPLE_RATE  # where a cut may go: the last 5 s before the 30 s limit
-ENERGY_FRAME = SAMPLE_RATE // 50  # 20 ms
-QUIET_FRAMES = 10  # 200 ms: a pause between words, not a stop consonant inside one
-
-# The stand-in model has its device on the CPU (mels are made here); on a GPU host
-# transcribe would warn about that on every request.
-warnings.filterwarnings("ignore", message="Performing inference on CPU when CUDA is available")
-
-
-def plan_chunks(samples: np.ndarray) -> list[tuple[int, int]]:
-    """Cut a recording into [start, end) sample ranges of at most 30 s, each cut at a quiet point."""
-    spans, start, total = [], 0, len(samples)
-    while total - start > N_SAMPLES:
-        low = start + N_SAMPLES - CUT_SEARCH_SAMPLES
-        frames = samples[low : start + N_SAMPLES].reshape(-1, ENERGY_FRAME).astype(np.float64)
-        energy = np.convolve((frames**2).mean(axis=1), np.ones(QUIET_FRAMES) / QUIET_FRAMES, mode="valid")
-        quietest = int(np.argmin(energy))  # first of QUIET_FRAMES frames; cut in their middle
-        cut = low + (quietest + QUIET_FRAMES // 2) * ENERGY_FRAME
-        spans.append((start, cut))
-        start = cut
-    spans.append((start, total))
-    return spans
-
-
-class RemoteWhisper:
-    """Enough of ``whisper.model.Whisper`` for ``whisper.transcribe``, decoding in the Whisper service.
-
-    ``transcribe`` reads ``dims``, ``device``, ``is_multilingual`` and ``num_languages`` and
-    calls ``decode`` and ``detect_language``; those two send the window to the service's
-    batchable APIs and block this worker thread until the batch it joined is done. Word
-    timestamps call ``whisper.timing.find_alignment(model, ...)``, which needs the model's
-    cross-attention; it is routed to the service's ``align_words`` (see ``_find_alignment``).
-    """
-
-    def __init__(self, card: WhisperModelCard, client: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.dims = ModelDimensions(**card.dims)
-        self.is_multilingual, self.num_languages = card.multilingual, card.num_languages
-        self.device = torch.device("cpu")  # where transcribe puts mels: they travel from here
-        self._client, self._loop = client, loop
-        self.cancelled = False
-
-    def _call(self, method: str, argument: Any) -> Any:
-        if self.cancelled:  # the request is gone: stop its other chunks at their next window
-            raise asyncio.CancelledError
-        client = self._client
-
-        async def call() -> Any:
-            with metrics.queued("whisper"):
-                return await getattr(client, method)(argument)
-
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
-
-    def decode(self, mel: torch.Tensor, options: DecodingOptions) -> DecodingResult | list[DecodingResult]:
-        single = mel.ndim == 2
-        mels = [mel] if single else list(mel)
-        jobs = [WindowJob(mel=m.float().contiguous().numpy(), options=asdict(options)) for m in mels]
-        results = [self._call("decode_windows", [job])[0] for job in jobs]  # one call each: they join batches apart
-        decoded = [DecodingResult(audio_features=torch.empty(0), **result.model_dump()) for result in results]
-        return decoded[0] if single else decoded
-
-    def detect_language(self, mel: torch.Tensor, tokenizer: Tokenizer | None = None) -> tuple[torch.Tensor, Any]:
-        single = mel.ndim == 2
-        mels = [m.float().contiguous().numpy() for m in ([mel] if single else list(mel))]
-        probabilities: list[dict[str, float]] = self._call("detect_language", mels)
-        tokenizer = whisper.tokenizer.get_tokenizer(self.is_multilingual, num_languages=self.num_languages)
-        tokens = torch.tensor([tokenizer.to_language_token(max(p, key=p.get)) for p in probabilities])
-        return (tokens[0], probabilities[0]) if single else (tokens, probabilities)
-
-    def find_alignment(
-        self, tokenizer: Tokenizer, text_tokens: list[int], mel: torch.Tensor, num_frames: int, **kwargs: Any
-    ) -> list[whisper.timing.WordTiming]:
-        if not text_tokens:
-            return []
-        job = AlignJob(
-            language=tokenizer.language,
-            task=tokenizer.task or "transcribe",
-            text_tokens=text_tokens,
-            mel=mel.float().contiguous().numpy(),
-            num_frames=num_frames,
-            **kwargs,
-        )
-        timings = self._call("align_words", job)
-        return [
-            whisper.timing.WordTiming(t.word, t.tokens, np.float64(t.start), np.float64(t.end), t.probability)
-            for t in timings
-        ]
-
-
-_library_find_alignment = getattr(whisper.timing.find_alignment, "library_version", whisper.timing.find_alignment)
-
-
-def _find_alignment(
-    model: Any, tokenizer: Tokenizer, text_tokens: list[int], mel: torch.Tensor, num_frames: int, **kwargs: Any
-) -> list[whisper.timing.WordTiming]:
-    """``whisper.timing.find_alignment``, sending a ``RemoteWhisper``'s work to the Whisper service.
-
-    ``add_word_timestamps`` looks the function up in its module when it runs, and has no
-    other seam: this is the one patch of openai-whisper, and it changes nothing for real models.
-    """
-    if isinstance(model, RemoteWhisper):
-        return model.find_alignment(tokenizer, text_tokens, mel, num_frames, **kwargs)
-    return _library_find_alignment(model, tokenizer, text_tokens, mel, num_frames, **kwargs)
-
-
-_find_alignment.library_version = _library_find_alignment  # type: ignore[attr-defined]
-whisper.timing.find_alignment = _find_alignment
-
 
 @dataclass
 class Transcript:
@@ -198,43 +89,6 @@ class Transcript:
     language: str  # ISO 639-1 code
     duration: float
     segments: list[dict[str, Any]]  # transcribe's segments, on the recording's time line
-
-
-SEGMENT_FIELDS = ("text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
-
-
-def _clamp(value: float, low: float, high: float) -> float:
-    return round(min(max(value, low), high), 3)
-
-
-def stitch(chunks: list[tuple[int, int]], results: list[dict[str, Any]], duration: float) -> list[dict[str, Any]]:
-    """Segments (and their words) of every chunk on one time line, clamped and non-decreasing."""
-    segments: list[dict[str, Any]] = []
-    last_start = last_word_start = 0.0
-    for (begin, end), result in zip(chunks, results):
-        offset, limit = begin / SAMPLE_RATE, min(end / SAMPLE_RATE, duration)
-        for segment in result["segments"]:
-            if not segment["text"].strip():
-                continue  # transcribe blanks instantaneous or empty segments; they carry nothing
-            start = _clamp(offset + segment["start"], last_start, limit)
-            words = []
-            for word in segment.get("words", []):
-                word_start = _clamp(offset + word["start"], last_word_start, limit)
-                word_end = _clamp(offset + word["end"], word_start, limit)
-                words.append({"word": word["word"], "start": word_start, "end": word_end})
-                last_word_start = word_start
-            segments.append(
-                {
-                    **{k: segment[k] for k in SEGMENT_FIELDS},
-                    "id": len(segments),
-                    "seek": segment["seek"] + begin // HOP_LENGTH,
-                    "start": start,
-                    "end": _clamp(offset + segment["end"], start, limit),
-                    "words": words,
-                }
-            )
-            last_start = start
-    return segments
 
 
 def _subtitles(writer: type[WriteSRT] | type[WriteVTT], segments: list[dict[str, Any]]) -> str:

@@ -265,7 +265,7 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
     import whisper
     from whisper.audio import N_FRAMES, N_SAMPLES
 
-    from services.whisper_api import plan_chunks
+    from services.long_audio import plan_chunks
 
     path, duration = speech["long"], duration_of(speech["long"])
     assert 170 <= duration <= MAX_SECONDS

@@ -172,14 +172,14 @@ def test_corrupt_and_streamless_files_are_4xx(tmp_path):
 
 
 def test_recordings_up_to_30_seconds_are_one_chunk():
-    from services.whisper_api import plan_chunks
+    from services.long_audio import plan_chunks
 
     assert plan_chunks(tone(30.0)) == [(0, 30 * SAMPLE_RATE)]
     assert plan_chunks(tone(0.2)) == [(0, int(0.2 * SAMPLE_RATE))]
 
 
 def test_long_recordings_are_cut_in_the_pause_before_30_seconds():
-    from services.whisper_api import plan_chunks
+    from services.long_audio import plan_chunks
 
     rng = np.random.default_rng(5)
     speech = (0.3 * rng.standard_normal(100 * SAMPLE_RATE)).astype(np.float32)
