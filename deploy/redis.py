@@ -9,7 +9,7 @@ the entry service's pods may connect.
 
 from __future__ import annotations
 
-from deploy.k8s import Manifest, checkov_skips, metadata, selector
+from deploy.k8s import Manifest, checkov_skips, hardened_container, hardened_pod, metadata, selector
 from deploy.spec import DeploymentSpec
 from deploy.workloads import SERVICE_ACCOUNT, SETTINGS_CONFIGMAP
 
@@ -71,13 +71,7 @@ def deployment(spec: DeploymentSpec) -> Manifest:
             "failureThreshold": 3,
         },
         "readinessProbe": ping | {"periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": hardened_container(),
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/redis", "readOnly": True},
             {"name": "data", "mountPath": "/data"},
@@ -87,13 +81,7 @@ def deployment(spec: DeploymentSpec) -> Manifest:
         "serviceAccountName": SERVICE_ACCOUNT,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": REDIS_UID,
-            "runAsGroup": REDIS_UID,
-            "fsGroup": REDIS_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": hardened_pod(REDIS_UID),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": "redis-config"}},

@@ -12,7 +12,16 @@ from __future__ import annotations
 from pydantic import AliasChoices
 
 from configuration.settings import PREFIX, Settings
-from deploy.k8s import IMAGE_DIGEST_REASON, Manifest, checkov_skips, labels, metadata, selector
+from deploy.k8s import (
+    IMAGE_DIGEST_REASON,
+    Manifest,
+    checkov_skips,
+    hardened_container,
+    hardened_pod,
+    labels,
+    metadata,
+    selector,
+)
 from deploy.spec import (
     PART_OF,
     PORT,
@@ -196,13 +205,7 @@ def container(service: ServiceSpec, spec: DeploymentSpec) -> Manifest:
         "readinessProbe": _probe(service.readiness),
         # Endpoints controllers and load balancers stop sending before BentoML stops accepting.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": hardened_container(),
         "volumeMounts": mounts,
     }
 
@@ -223,13 +226,7 @@ def deployment(service: ServiceSpec, spec: DeploymentSpec) -> Manifest:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,  # no *_SERVICE_HOST/_PORT variables: a Service called redis would set REDIS_PORT
         "terminationGracePeriodSeconds": spec.termination_grace_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": hardened_pod(UID),
         "containers": [container(service, spec)],
         "volumes": volumes,
         "topologySpreadConstraints": _spread(service),
