@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from configuration.settings import Settings
 from services import metrics
 from services.chat_schemas import ChatCompletionRequest, ImagePart, TextPart
-from services.errors import APIError, error_response
+from services.errors import APIError, check_model, error_response
 from services.fetch import ImageFetcher
 from services.media import checked_data_url, decode_base64, is_data_url
 
@@ -107,8 +107,7 @@ class LlavaAPI:
 
     async def _engine_request(self, request: ChatCompletionRequest) -> dict:
         """The body vLLM receives: our limits applied, every image a checked data: URL."""
-        if request.model not in (self.model_id, "llava"):
-            raise APIError(404, f"model {request.model!r} does not exist; see /v1/models", code="model_not_found", param="model")
+        check_model(request.model, (self.model_id, "llava"))
         images = request.images()
         if len(images) > self.settings.llava_max_images_per_request:
             limit = self.settings.llava_max_images_per_request

@@ -14,7 +14,7 @@ import numpy as np
 from configuration.settings import Settings
 from services import metrics
 from services.embeddings import ClipEmbedder
-from services.errors import APIError
+from services.errors import APIError, check_model
 from services.media import DecodedImage, decode_image, is_data_url
 from services.schemas import (
     ClassifyRequest,
@@ -104,9 +104,7 @@ class ClipAPI:
 
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         card = await self.embedder.card()
-        if request.model not in (card.model, "clip"):
-            message = f"model {request.model!r} does not exist; see /v1/models"
-            raise APIError(404, message, code="model_not_found", param="model")
+        check_model(request.model, (card.model, "clip"))
         if request.dimensions is not None and request.dimensions != card.embedding_dim:
             message = f"{card.model} embeddings have {card.embedding_dim} dimensions"
             raise APIError(400, message, code="invalid_value", param="dimensions")

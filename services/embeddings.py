@@ -6,7 +6,6 @@ call (whose adaptive batcher merges it with other requests' calls), then stores 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import Any
 
@@ -16,6 +15,7 @@ from configuration.settings import Settings
 from services import metrics
 from services.cache import EmbeddingCache, Kind, ModelVersion
 from services.clip import ClipModelCard
+from services.model_card import ModelCard
 
 
 class ClipEmbedder:
@@ -23,20 +23,15 @@ class ClipEmbedder:
         self._clip = clip.to_async  # the dependency proxy; its sync methods would block the event loop
         self._cache = cache
         self._ttl: dict[Kind, int] = {"image": settings.cache_ttl_seconds, "text": settings.query_cache_ttl_seconds}
-        self._card: ClipModelCard | None = None
-        self._card_lock = asyncio.Lock()
+        self._card: ModelCard[ClipModelCard] = ModelCard(self._clip)
 
     @property
     def known_card(self) -> ClipModelCard | None:
         """The model card if the CLIP service has answered before; never waits."""
-        return self._card
+        return self._card.known
 
     async def card(self) -> ClipModelCard:
-        if self._card is None:
-            async with self._card_lock:
-                if self._card is None:
-                    self._card = await self._clip.describe()
-        return self._card
+        return await self._card.get()
 
     async def embed_images(self, images: list[Any], sha256s: list[str]) -> np.ndarray:
         return await self._embed("image", images, sha256s, self._clip.encode_images)

@@ -26,6 +26,12 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
+def check_model(requested: str, served: tuple[str, ...]) -> None:
+    """404 unless ``requested`` names the route's model (its id or one of its aliases)."""
+    if requested not in served:
+        raise APIError(404, f"model {requested!r} does not exist; see /v1/models", code="model_not_found", param="model")
+
+
 def _error_type(status: int) -> str:
     if status == 429:
         return "rate_limit_error"

@@ -62,7 +62,10 @@ from whisper.utils import WriteSRT, WriteVTT
 from configuration.settings import Settings
 from services import metrics
 from services.audio import AudioLimits, DecodedAudio, decode_audio
-from services.errors import APIError
+from services.errors import APIError, check_model
+from services.long_audio import plan_chunks, stitch
+from services.model_card import ModelCard
+from services.remote_whisper import RemoteWhisper
 from services.schemas import (
     AudioUsage,
     TranscribeResponse,
@@ -71,8 +74,6 @@ from services.schemas import (
     TranscriptionVerboseResponse,
     TranscriptionWord,
 )
-from services.long_audio import plan_chunks, stitch
-from services.remote_whisper import RemoteWhisper
 from services.whisper import WhisperModelCard
 
 ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe"})
@@ -107,15 +108,10 @@ class WhisperAPI:
         # transcribe runs one thread per chunk in flight; they mostly wait for their batch.
         # Twice the batch size lets a full batch form while the last one's threads finish.
         self._pool = ThreadPoolExecutor(2 * settings.whisper_max_batch_size, thread_name_prefix="transcribe")
-        self._card: WhisperModelCard | None = None
-        self._card_lock = asyncio.Lock()
+        self._card: ModelCard[WhisperModelCard] = ModelCard(self._client)
 
     async def card(self) -> WhisperModelCard:
-        if self._card is None:
-            async with self._card_lock:
-                if self._card is None:
-                    self._card = await self._client.describe()
-        return self._card
+        return await self._card.get()
 
     async def ready(self) -> None:
         await self.card()
@@ -127,9 +123,7 @@ class WhisperAPI:
 
     async def _check_model(self, model: str) -> None:
         card = await self.card()
-        if model not in (card.model, *MODEL_ALIASES):
-            message = f"model {model!r} does not exist; see /v1/models"
-            raise APIError(404, message, code="model_not_found", param="model")
+        check_model(model, (card.model, *MODEL_ALIASES))
 
     async def _language(self, value: str | None) -> str | None:
         if value is None or not value.strip():
