@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
+import httpx
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,9 +43,15 @@ def _error_type(status: int) -> str:
     return "invalid_request_error"
 
 
+# Seconds a client should wait before retrying a 429 or a 503: long enough for a batch or two to
+# drain, short enough that a retry is not a visible outage.
+RETRY_AFTER_SECONDS = 1
+
+
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -76,6 +83,18 @@ def install_error_handlers(app: FastAPI) -> None:
             log.warning("model service error %s: %s", status, exc)
         code = "overloaded" if status == 503 else "model_service_error"
         return error_response(status, f"model service: {exc}", code=code)
+
+    @app.exception_handler(httpx.TimeoutException)
+    async def _dependency_timeout(_: Request, exc: httpx.TimeoutException) -> JSONResponse:
+        log.warning("model service timed out: %r", exc)
+        return error_response(504, "model service did not answer in time", code="timeout")
+
+    @app.exception_handler(httpx.TransportError)
+    @app.exception_handler(ConnectionError)
+    async def _dependency_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        # A broken pipe or reset between services (already retried once where that is safe).
+        log.warning("model service connection failed: %r", exc)
+        return error_response(503, "model service unavailable; retry later", code="unavailable")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
