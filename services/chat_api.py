@@ -26,7 +26,6 @@ from services.errors import APIError, check_model, error_response
 from services.fetch import ImageFetcher
 from services.media import checked_data_url, decode_base64, is_data_url
 
-ROUTES = frozenset({"/v1/chat/completions"})
 # LLaVA-1.5's image placeholder: typed by a user it would claim image slots that no image
 # fills, so it is removed from text (the chat template inserts one per image part).
 IMAGE_PLACEHOLDER = "<image>"

@@ -4,13 +4,16 @@ Routes are a FastAPI app mounted on the BentoML service so that every route, nat
 OpenAI-compatible, answers errors in one JSON shape (``services.errors``). Each model family's
 route logic lives in its own module (``services.clip_api``, ...); this file only wires routes.
 The model services are BentoML dependencies: separate processes under ``bentoml serve``
-(pickle over a local socket), in-process under ``Gateway.to_asgi()``.
+(pickle over a local socket), in-process under ``Gateway.to_asgi()``. A family's modules, and
+the heavy libraries they bring (torch, openai-whisper), are imported only when it is served.
+Each route is tagged with its family; the request metrics read the route-to-family map from
+those tags.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 from fastapi import FastAPI, File, Form, UploadFile
@@ -18,45 +21,45 @@ from starlette.responses import Response
 
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
-from services import chat_api, clip_api, metrics, whisper_api
-from services.cache import build_cache
-from services.chat_api import LlavaAPI
+from services import metrics
 from services.chat_schemas import ChatCompletionRequest
-from services.clip import CLIP
-from services.clip_api import ClipAPI
-from services.embeddings import ClipEmbedder
 from services.errors import APIError, error_response, install_error_handlers
 from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
-from services.llava import LLaVA
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    Granularity,
     HealthResponse,
     ModelList,
     ModelObject,
     ReadyResponse,
+    ResponseFormat,
     SearchRequest,
     SearchResponse,
     TranscribeResponse,
 )
-from services.whisper import Whisper
-from services.whisper_api import Granularity, ResponseFormat, WhisperAPI
 
 settings = get_settings()
+if "clip" in settings.families:
+    from services.cache import build_cache
+    from services.clip import CLIP
+    from services.clip_api import ClipAPI
+    from services.embeddings import ClipEmbedder
+if "llava" in settings.families:
+    from services.chat_api import LlavaAPI
+    from services.llava import LLaVA
+if "whisper" in settings.families:
+    from services.whisper import Whisper
+    from services.whisper_api import WhisperAPI
 
 app = FastAPI(title="Multimodal serving", description="CLIP, LLaVA and Whisper behind one API.")
 install_error_handlers(app)
-ROUTE_FAMILIES = {route: "clip" for route in clip_api.ROUTES} | {route: "llava" for route in chat_api.ROUTES}
-ROUTE_FAMILIES |= {route: "whisper" for route in whisper_api.ROUTES}
-app.add_middleware(metrics.RequestMetricsMiddleware, families=ROUTE_FAMILIES)
-app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
-app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="Gateway", traffic={"timeout": settings.request_timeout_seconds})
+@bentoml.service(name="Gateway", workers=settings.gateway_workers, traffic={"timeout": settings.request_timeout_seconds})
 class Gateway:
     # Only the enabled families' services are started (MULTIMODAL_FAMILIES), so a deployment
     # without a GPU for LLaVA, say, serves CLIP and Whisper alone.
@@ -68,7 +71,7 @@ class Gateway:
         whisper = bentoml.depends(Whisper)
 
     def __init__(self) -> None:
-        self.families: dict[str, ClipAPI | LlavaAPI | WhisperAPI] = {}
+        self.families: dict[str, Any] = {}  # family -> its route logic (ClipAPI, ...)
         if "clip" in settings.families:
             self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
             self.families["clip"] = ClipAPI(self.embedder, settings)
@@ -77,7 +80,7 @@ class Gateway:
         if "whisper" in settings.families:
             self.families["whisper"] = WhisperAPI(self.whisper, settings)
 
-    def _family(self, name: str):
+    def _family(self, name: str) -> Any:
         api = self.families.get(name)
         if api is None:
             raise APIError(404, f"this deployment does not serve {name} (MULTIMODAL_FAMILIES)", code="not_served")
@@ -85,31 +88,31 @@ class Gateway:
 
     # CLIP
 
-    @app.post("/search", response_model_exclude_none=True)
+    @app.post("/search", response_model_exclude_none=True, tags=["clip"])
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Rank texts by cosine similarity to an image."""
         return await self._family("clip").search(request)
 
-    @app.post("/classify")
+    @app.post("/classify", tags=["clip"])
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Zero-shot classification: softmax over CLIP's scaled image-text logits."""
         return await self._family("clip").classify(request)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", tags=["clip"])
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI-compatible embeddings of texts, and of images given as base64 ``data:`` URLs."""
         return await self._family("clip").embeddings(request)
 
     # LLaVA
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, tags=["llava"])
     async def chat_completions(self, request: ChatCompletionRequest) -> Response:
         """OpenAI-compatible chat with images (LLaVA through vLLM), streamed or not."""
         return await self._family("llava").chat(request)
 
     # Whisper (multipart uploads, as OpenAI's audio API takes them)
 
-    @app.post("/v1/audio/transcriptions", response_model=None)
+    @app.post("/v1/audio/transcriptions", response_model=None, tags=["whisper"])
     async def audio_transcriptions(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -126,7 +129,7 @@ class Gateway:
             "transcribe", file, model, language, prompt, response_format, temperature, timestamp_granularities
         )
 
-    @app.post("/v1/audio/translations", response_model=None)
+    @app.post("/v1/audio/translations", response_model=None, tags=["whisper"])
     async def audio_translations(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -139,7 +142,7 @@ class Gateway:
         whisper = self._family("whisper")
         return await whisper.openai("translate", file, model, None, prompt, response_format, temperature, None)
 
-    @app.post("/transcribe")
+    @app.post("/transcribe", tags=["whisper"])
     async def transcribe(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -169,3 +172,11 @@ class Gateway:
         except Exception as exc:
             return error_response(503, f"not ready: {exc or type(exc).__name__}", code="not_ready")
         return ReadyResponse()
+
+
+# Request metrics by family, read from the routes' tags (added here, after the routes exist;
+# Starlette builds its middleware stack at the first request).
+ROUTE_FAMILIES = {route.path: route.tags[0] for route in app.routes if getattr(route, "tags", None)}
+app.add_middleware(metrics.RequestMetricsMiddleware, families=ROUTE_FAMILIES)
+app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
+app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -7,6 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# Whisper's form fields (multipart, so they are parameters rather than a body model)
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+Granularity = Literal["segment", "word"]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -68,6 +68,8 @@ from services.model_card import ModelCard
 from services.remote_whisper import RemoteWhisper
 from services.schemas import (
     AudioUsage,
+    Granularity,
+    ResponseFormat,
     TranscribeResponse,
     TranscriptionResponse,
     TranscriptionSegment,
@@ -76,10 +78,7 @@ from services.schemas import (
 )
 from services.whisper import WhisperModelCard
 
-ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe"})
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
-ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
-Granularity = Literal["segment", "word"]
 Task = Literal["transcribe", "translate"]
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's default
 
