@@ -49,11 +49,20 @@ class Settings(BaseSettings):
 
     # Batching (BentoML adaptive batching on the model services)
     clip_max_batch_size: int = Field(
-        64, ge=2, validation_alias=_env("CLIP_MAX_BATCH_SIZE", "BATCH_SIZE"), description="Largest CLIP encoder batch (items)."
+        64,
+        ge=1,
+        validation_alias=_env("CLIP_MAX_BATCH_SIZE", "BATCH_SIZE"),
+        description="Largest CLIP encoder batch (items); 1 turns batching off.",
     )
     clip_max_latency_ms: int = Field(
         10_000, ge=10, description="Latency budget of a CLIP batch; past it BentoML sheds load with 503."
     )
+    clip_preprocessing: Literal["fast", "reference"] = Field(
+        "fast",
+        description="`fast`: JPEGs decoded and every image resized on the model's device (nvJPEG on a GPU); "
+        "`reference`: Pillow and transformers' processor on the CPU.",
+    )
+    clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
     whisper_max_batch_size: int = Field(16, ge=1, description="Most 30-second windows in one Whisper decode batch.")
     whisper_max_latency_ms: int = Field(
         60_000, ge=10, description="Latency budget of a Whisper batch; past it BentoML sheds load with 503."
@@ -65,6 +74,9 @@ class Settings(BaseSettings):
     )
 
     # Traffic
+    gateway_workers: int = Field(
+        1, ge=1, description="Entry-service worker processes; more spread HTTP, JSON and base64 work over cores."
+    )
     max_concurrent_requests: int = Field(
         100,
         ge=1,

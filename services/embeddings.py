@@ -1,21 +1,46 @@
 """Cache-aware embedding on top of the CLIP service, shared by every CLIP route.
 
-Looks every input up in the cache first and sends only the misses to the CLIP service in one
-call (whose adaptive batcher merges it with other requests' calls), then stores what came back.
+Looks every input up in the cache first and sends only the misses to the CLIP service, through
+a coalescer that merges concurrent requests' misses into one call (whose adaptive batcher then
+merges it with other workers' calls), then stores what came back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import numpy as np
 
 from configuration.settings import Settings
 from services import metrics
 from services.cache import EmbeddingCache, Kind, ModelVersion
-from services.clip import ClipModelCard
+from services.clip import ClipModelCard, split_text_rows
+from services.coalescing import Coalescer
+from services.errors import APIError
+from services.media import EncodedImage
 from services.model_card import ModelCard
+
+log = logging.getLogger(__name__)
+
+
+def retry_once_on_connection_error(call: Callable[[list[Any]], Awaitable[np.ndarray]]):
+    """Embedding is idempotent, so a call that broke on the connection (a broken pipe, a reset)
+    is sent once more before the error reaches the client (as 503, ``services.errors``)."""
+
+    async def call_with_retry(items: list[Any]) -> np.ndarray:
+        try:
+            return await call(items)
+        except (httpx.TransportError, ConnectionError) as exc:
+            if isinstance(exc, httpx.TimeoutException):
+                raise
+            log.warning("CLIP call failed on its connection (%r); retrying once", exc)
+            return await call(items)
+
+    return call_with_retry
 
 
 class ClipEmbedder:
@@ -24,6 +49,17 @@ class ClipEmbedder:
         self._cache = cache
         self._ttl: dict[Kind, int] = {"image": settings.cache_ttl_seconds, "text": settings.query_cache_ttl_seconds}
         self._card: ModelCard[ClipModelCard] = ModelCard(self._clip)
+        # The proxy learns its endpoints from the CLIP service once that answers: look them up per call.
+        self._encode: dict[Kind, Coalescer] = {
+            kind: Coalescer(retry_once_on_connection_error(self._caller(f"encode_{kind}s")), settings.clip_max_batch_size)
+            for kind in ("image", "text")
+        }
+
+    def _caller(self, endpoint: str) -> Callable[[list[Any]], Awaitable[np.ndarray]]:
+        async def call(items: list[Any]) -> np.ndarray:
+            return await getattr(self._clip, endpoint)(items)
+
+        return call
 
     @property
     def known_card(self) -> ClipModelCard | None:
@@ -33,30 +69,34 @@ class ClipEmbedder:
     async def card(self) -> ClipModelCard:
         return await self._card.get()
 
-    async def embed_images(self, images: list[Any], sha256s: list[str]) -> np.ndarray:
-        return await self._embed("image", images, sha256s, self._clip.encode_images)
+    async def embed_images(self, images: list[EncodedImage], params: list[str]) -> np.ndarray:
+        """L2-normalised embeddings; 400 naming ``params[i]`` for an image that does not decode."""
+        vectors = await self._embed("image", [image.data for image in images], [image.sha256 for image in images])
+        for i, vector in enumerate(vectors):
+            if np.isnan(vector[0]):
+                raise APIError(400, "image could not be decoded", code="invalid_image", param=params[i])
+        return vectors
 
-    async def embed_texts(self, texts: list[str]) -> np.ndarray:
+    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """L2-normalised embeddings and each text's token count."""
         sha256s = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
-        return await self._embed("text", texts, sha256s, self._clip.encode_texts)
+        return split_text_rows(await self._embed("text", texts, sha256s))
 
-    async def count_tokens(self, texts: list[str]) -> list[int]:
-        return await self._clip.count_tokens(texts)
-
-    async def _embed(self, kind: Kind, items: list[Any], sha256s: list[str], encode: Any) -> np.ndarray:
+    async def _embed(self, kind: Kind, items: list[Any], sha256s: list[str]) -> np.ndarray:
         card = await self.card()
         version = ModelVersion(card.model, card.revision, card.preprocessing)
         keys = [version.key(kind, sha) for sha in sha256s]
         found = await self._cache.get_many(keys)
-        missing = [i for i, vector in enumerate(found) if vector is None]
+        missing = [i for i, row in enumerate(found) if row is None]
         metrics.record_cache(kind, hits=len(keys) - len(missing), misses=len(missing))
         if missing:
             # The same content twice in one request is encoded once.
             unique = {keys[i]: i for i in missing}
             with metrics.queued("clip"):
-                encoded = await encode([items[i] for i in unique.values()])
-            fresh = {key: np.asarray(vector, dtype=np.float32) for key, vector in zip(unique, encoded)}
-            await self._cache.set_many(fresh, self._ttl[kind])
+                encoded = await self._encode[kind]([items[i] for i in unique.values()])
+            fresh = {key: row for key, row in zip(unique, encoded)}
+            # An image that did not decode (a row of NaN) is not worth remembering.
+            await self._cache.set_many({key: row for key, row in fresh.items() if not np.isnan(row[0])}, self._ttl[kind])
             for i in missing:
                 found[i] = fresh[keys[i]]
         return np.stack(found).astype(np.float32, copy=False)

@@ -25,8 +25,10 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;b
 
 
 @dataclass(frozen=True)
-class DecodedImage:
-    image: Image.Image
+class EncodedImage:
+    """An image as the client sent it, its header checked; its pixels are decoded where the model runs."""
+
+    data: bytes
     sha256: str  # of the encoded bytes: the cache key's content part
 
 
@@ -65,7 +67,8 @@ def checked_data_url(data: bytes, *, param: str, max_pixels: int) -> str:
     return f"data:{Image.MIME[image.format]};base64,{base64.b64encode(data).decode()}"
 
 
-def _load(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
+def _load(data: bytes, *, param: str, max_pixels: int, decode: bool = True) -> Image.Image:
+    """Open ``data`` and check its header; decode its pixels too unless ``decode`` is false."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,7 +78,8 @@ def _load(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
                 raise APIError(
                     413, f"image is {width}x{height} pixels; at most {max_pixels} are accepted", code="image_too_large", param=param
                 )
-            image.load()
+            if decode:
+                image.load()
             return image
     except APIError:
         raise
@@ -87,6 +91,13 @@ def _load(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
         raise APIError(400, f"image could not be decoded: {exc}", code="invalid_image", param=param) from None
 
 
-def decode_image(value: str, *, param: str, max_bytes: int, max_pixels: int) -> DecodedImage:
+def read_image(value: str, *, param: str, max_bytes: int, max_pixels: int) -> EncodedImage:
+    """Base64 to the image's bytes, its format and size checked from the header alone.
+
+    Decoding the pixels is the model service's work (on its GPU where it has one): here it would
+    cost far more than everything else the entry service does for a request. Data that passes the
+    header check and still fails to decode is reported by the model service per image.
+    """
     data = decode_base64(value, param=param, max_bytes=max_bytes)
-    return DecodedImage(image=open_image(data, param=param, max_pixels=max_pixels), sha256=hashlib.sha256(data).hexdigest())
+    _load(data, param=param, max_pixels=max_pixels, decode=False)
+    return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest())

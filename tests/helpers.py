@@ -25,6 +25,27 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+# Real photographs that scikit-image's wheel ships (astronaut, cat, coffee, rocket, ...): JPEGs of
+# photographs decode, resize and compress like users' images; random noise does not.
+PHOTOGRAPHS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png")
+
+
+def photograph(name: str) -> Image.Image:
+    from importlib.resources import files
+
+    with Image.open(files("skimage") / "data" / name) as image:
+        return image.copy()
+
+
+def jpeg_bytes(image: Image.Image, size: tuple[int, int] | None = None, **options) -> bytes:
+    """``image`` as a JPEG (resized to ``size`` first where given), as a camera or a browser would send it."""
+    if size is not None:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=options.pop("quality", 90), **options)
+    return buffer.getvalue()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -93,6 +114,14 @@ class ReferenceClip:
 
     def image_embedding(self, image: Image.Image) -> np.ndarray:
         return self.forward(image, ["x"]).image_embeds[0].detach().numpy()
+
+    def encoded_image_embedding(self, data: bytes) -> np.ndarray:
+        """Of an encoded image, decoded by Pillow, as transformers' documentation does it."""
+        with Image.open(io.BytesIO(data)) as image:
+            return self.image_embedding(image.convert("RGB"))
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.processor.tokenizer(texts, truncation=True)["input_ids"]]
 
     def text_embeddings(self, texts: list[str]) -> np.ndarray:
         return self.forward(Image.new("RGB", (32, 32)), texts).text_embeds.detach().numpy()

@@ -11,11 +11,14 @@ import openai
 import pytest
 
 from tests.helpers import (
+    PHOTOGRAPHS,
     ReferenceClip,
     b64,
     data_url,
+    jpeg_bytes,
     metric_samples,
     metric_value,
+    photograph,
     png_bytes,
     png_header_only,
     random_image,
@@ -37,6 +40,12 @@ def server(serve_product):
 def uncached_server(serve_product):
     """No embedding cache, so repeated inputs really reach the model again."""
     return serve_product(MULTIMODAL_CACHE_BACKEND="none", **CLIP_ONLY)
+
+
+@pytest.fixture(scope="module")
+def reference_path_server(serve_product):
+    """The reference preprocessing: Pillow decodes and transformers' processor runs on the CPU."""
+    return serve_product(MULTIMODAL_CLIP_PREPROCESSING="reference", MULTIMODAL_CACHE_BACKEND="none", **CLIP_ONLY)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +120,70 @@ def test_openai_sdk_image_and_text_embeddings_in_one_request(server, reference):
     np.testing.assert_allclose(result.data[1].embedding, reference.image_embedding(image), atol=TOLERANCE)
 
 
+def test_usage_counts_tokens_as_the_tokenizer_does_cached_or_not(server, reference):
+    texts = unique_texts(3) + ["word " * 200]  # the last is truncated to the context length
+    expected = sum(reference.token_counts(texts))
+    for _ in range(2):  # the second answer comes from the cache
+        usage = post(server, "/v1/embeddings", {"model": "clip", "input": texts}).json()["usage"]
+        assert usage == {"prompt_tokens": expected, "total_tokens": expected}
+
+
 def test_openai_sdk_unknown_model_is_not_found(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     with pytest.raises(openai.NotFoundError) as raised:
         client.embeddings.create(model="text-embedding-3-large", input="hi")
     assert raised.value.body["code"] == "model_not_found"
+
+
+# Photographs, through both preprocessing paths
+
+PHOTO_SIZES = [(320, 240), (640, 480), (1920, 1080), (480, 640)]
+
+
+def photo_inputs() -> dict[str, bytes]:
+    """Each photograph as a JPEG at one of several sizes, plus the JPEG variants decoders treat apart."""
+    inputs = {f"{name}@{PHOTO_SIZES[i % 4]}": jpeg_bytes(photograph(name), PHOTO_SIZES[i % 4]) for i, name in enumerate(PHOTOGRAPHS)}
+    chelsea = photograph("chelsea.png")
+    inputs["progressive"] = jpeg_bytes(chelsea, progressive=True)
+    inputs["4:4:4 chroma"] = jpeg_bytes(chelsea, subsampling=0)
+    inputs["CMYK"] = jpeg_bytes(chelsea.convert("CMYK"))
+    inputs["PNG"] = png_bytes(chelsea)
+    return inputs
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_photograph_embeddings_equal_transformers(request, reference, path):
+    # On a CPU both paths decode JPEGs with libjpeg-turbo (torchvision's or Pillow's, which give the
+    # same pixels) and run the same processor: the fast path is held to the reference's tolerance.
+    # On a GPU nvJPEG and CUDA resizing differ slightly; bench/clip_gpu.py measures by how much.
+    server = request.getfixturevalue("uncached_server" if path == "fast" else "reference_path_server")
+    inputs = photo_inputs()
+    response = post(server, "/v1/embeddings", {"model": "clip", "input": [data_url(data, "image/jpeg") for data in inputs.values()]})
+    assert response.status_code == 200, response.text
+    got = np.array([d["embedding"] for d in response.json()["data"]])
+    expected = np.stack([reference.encoded_image_embedding(data) for data in inputs.values()])
+    for name, row, want in zip(inputs, got, expected):
+        np.testing.assert_allclose(row, want, atol=TOLERANCE, err_msg=name)
+    assert (got * expected).sum(axis=1).min() >= 0.9999  # cosine: both sides are unit vectors
+
+
+def test_an_undecodable_image_fails_only_its_own_request(uncached_server, reference):
+    photos = [jpeg_bytes(photograph("coffee.png"), size) for size in PHOTO_SIZES] * 2
+    truncated = jpeg_bytes(photograph("rocket.jpg"))[:5_000]  # header intact, pixels cut off
+    payloads = [[data_url(truncated, "image/jpeg")]] + [["a cat", data_url(photo, "image/jpeg")] for photo in photos]
+
+    def embed(inputs: list[str]) -> httpx.Response:
+        return post(uncached_server, "/v1/embeddings", {"model": "clip", "input": inputs})
+
+    with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
+        responses = list(pool.map(embed, payloads))
+    assert responses[0].status_code == 400
+    assert responses[0].json()["error"] | {"message": None} == {
+        "message": None, "type": "invalid_request_error", "param": "input[0]", "code": "invalid_image"
+    }
+    for response, photo in zip(responses[1:], photos):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(response.json()["data"][1]["embedding"], reference.encoded_image_embedding(photo), atol=TOLERANCE)
 
 
 # Adaptive batching

@@ -1,4 +1,8 @@
-"""Safe image decoding: every kind of hostile input becomes a 4xx APIError."""
+"""Safe image reading: every kind of hostile input becomes a 4xx APIError.
+
+The entry service checks base64, size and the image header (``read_image``); pixels are decoded
+by the CLIP service, which reports images that fail there (tests/integration/test_clip_api.py).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,17 @@ import pytest
 from PIL import Image
 
 from services.errors import APIError
-from services.media import decode_base64, decode_image, open_image
+from services.media import decode_base64, open_image, read_image
 from tests.helpers import b64, data_url, png_bytes, png_header_only, random_image
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 1_000_000}
 
 
-def test_raw_base64_and_data_url_decode_to_the_same_rgb_image():
-    image = random_image(0)
-    data = png_bytes(image)
-    raw, url = decode_image(b64(data), param="p", **LIMITS), decode_image(data_url(data), param="p", **LIMITS)
+def test_raw_base64_and_data_url_read_to_the_same_bytes():
+    data = png_bytes(random_image(0))
+    raw, url = read_image(b64(data), param="p", **LIMITS), read_image(data_url(data), param="p", **LIMITS)
     assert raw.sha256 == url.sha256 == hashlib.sha256(data).hexdigest()
-    assert raw.image.mode == "RGB" and raw.image.tobytes() == image.tobytes()
+    assert raw.data == url.data == data
 
 
 def test_line_wrapped_base64_is_accepted():
@@ -30,8 +33,7 @@ def test_line_wrapped_base64_is_accepted():
 
 def test_rgba_and_palette_images_become_rgb():
     for mode in ("RGBA", "P", "L"):
-        decoded = decode_image(b64(png_bytes(Image.new(mode, (8, 8)))), param="p", **LIMITS)
-        assert decoded.image.mode == "RGB"
+        assert open_image(png_bytes(Image.new(mode, (8, 8))), param="p", max_pixels=100).mode == "RGB"
 
 
 @pytest.mark.parametrize(
@@ -41,17 +43,24 @@ def test_rgba_and_palette_images_become_rgb():
         ("", 400, "invalid_image"),
         ("data:image/png,notbase64", 400, "invalid_image"),
         (b64(b"plain text, not an image"), 400, "invalid_image"),
-        (b64(png_bytes(random_image(2))[:200]), 400, "invalid_image"),
         (b64(png_header_only(20_000, 20_000)), 413, "image_too_large"),
         (b64(png_header_only(1_001, 1_000)), 413, "image_too_large"),
         (b64(b"\x00" * 2_000_000), 413, "image_too_large"),
     ],
-    ids=["invalid", "empty", "non-base64 data url", "non-image", "truncated", "bomb header", "over pixel cap", "over byte cap"],
+    ids=["invalid", "empty", "non-base64 data url", "non-image", "bomb header", "over pixel cap", "over byte cap"],
 )
 def test_hostile_inputs_are_client_errors(value, status, code):
     with pytest.raises(APIError) as raised:
-        decode_image(value, param="image_data", **LIMITS)
+        read_image(value, param="image_data", **LIMITS)
     assert (raised.value.status, raised.value.code, raised.value.param) == (status, code, "image_data")
+
+
+def test_a_truncated_image_passes_the_header_check_and_fails_to_decode():
+    truncated = png_bytes(random_image(2))[:200]
+    assert read_image(b64(truncated), param="p", **LIMITS).data == truncated  # the CLIP service will refuse it
+    with pytest.raises(APIError) as raised:
+        open_image(truncated, param="p", max_pixels=LIMITS["max_pixels"])
+    assert (raised.value.status, raised.value.code) == (400, "invalid_image")
 
 
 def test_formats_outside_the_allow_list_are_refused():
