@@ -47,6 +47,17 @@ class ClipModelCard(BaseModel):
     logit_scale: float  # exp of the learned temperature: softmax(scale * cosine) = CLIP's probabilities
 
 
+# Adaptive batching of the encoders. BentoML needs a max batch size above 1; at 1 (batching off,
+# to measure what batching is worth) the encoders are plain APIs and the entry service sends one
+# item per call.
+if settings.clip_max_batch_size > 1:
+    encoder_api = bentoml.api(
+        batchable=True, max_batch_size=settings.clip_max_batch_size, max_latency_ms=settings.clip_max_latency_ms
+    )
+else:
+    encoder_api = bentoml.api
+
+
 @bentoml.service(
     name="CLIP",
     traffic={"timeout": settings.request_timeout_seconds},
@@ -103,7 +114,7 @@ class CLIP:
         metrics.record_gpu()
         return embeddings
 
-    @bentoml.api(batchable=True, max_batch_size=settings.clip_max_batch_size, max_latency_ms=settings.clip_max_latency_ms)
+    @encoder_api
     def encode_images(self, images: list[bytes]) -> np.ndarray:
         """Embeddings of encoded images (as the client sent them); a row of NaN where one does not decode."""
         import torch
@@ -118,7 +129,7 @@ class CLIP:
         self._observe("image", len(images), started)
         return embeddings
 
-    @bentoml.api(batchable=True, max_batch_size=settings.clip_max_batch_size, max_latency_ms=settings.clip_max_latency_ms)
+    @encoder_api
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """One row per text: its embedding, then its token count as the encoder saw it (OpenAI's ``usage``)."""
         import torch

@@ -1,0 +1,398 @@
+"""CLIP end to end through ``bentoml serve`` against the raw model, in one run.
+
+    python -m bench.clip_gpu --shape vit-l-14 --out bench/results          # on the GPU machine
+    python -m bench.clip_gpu --shape vit-b-32 --levels 1 8 32 --gateway-workers 1 --client-processes 1
+
+Steps, all in this one process and the servers it starts:
+1. Writes a CLIP of the published shape with random weights into a fresh model store, under
+   the production tag (no hub is reachable; speed does not depend on the weights' values).
+2. The raw model, batched, on pixels already on the device (the ceiling), and the service's
+   own preprocessing + model in-process; the fast path's embeddings against the reference
+   path's on the same photographs (cosine).
+3. ``bentoml serve`` with only CLIP, then closed-loop load on ``/v1/embeddings``: one JPEG
+   photograph (about 50-150 KB) per request at rising concurrency; single texts; requests of
+   64 texts. Then again with adaptive batching off (max batch size 1).
+Inputs are photographs shipped with scikit-image, randomly cropped and re-encoded so that
+every request carries a distinct JPEG. Results: ``clip_<shape>.json`` and a plot in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.load import LevelResult, run_level
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
+          "retina.jpg", "immunohistochemistry.png", "motorcycle_right.png", "color.png")  # fmt: skip
+SIZES = ((640, 480), (480, 640), (800, 600), (1024, 768), (1280, 720), (320, 240), (1920, 1080))
+TAGS = {"vit-l-14": "openai/clip-vit-large-patch14", "vit-b-32": "openai/clip-vit-base-patch32"}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# Inputs
+
+
+def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """Distinct JPEGs: random crops of real photographs, resized to common camera/screen sizes."""
+    from importlib.resources import files
+
+    rng = random.Random(seed)
+    photos = []
+    for name in PHOTOS:
+        path = files("skimage") / "data" / name
+        if path.is_file():
+            with Image.open(path) as image:
+                photos.append(image.convert("RGB"))
+    jpegs = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        width, height = photo.size
+        scale = rng.uniform(0.6, 1.0)
+        w, h = int(width * scale), int(height * scale)
+        left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+        size = SIZES[rng.randrange(len(SIZES))] if i % 3 else (640, 480)
+        image = photo.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=rng.choice((85, 90, 95)))
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def texts(count: int) -> list[str]:
+    nouns = ("cat", "dog", "bicycle", "mountain lake", "city street at night", "bowl of soup", "red car", "astronaut")
+    return [f"a photo of a {nouns[i % len(nouns)]}, number {i}" for i in range(count)]
+
+
+def embeddings_body(inputs: list[str]) -> bytes:
+    return json.dumps({"model": "clip", "input": inputs, "encoding_format": "base64"}).encode()
+
+
+def data_url(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+# The model store
+
+
+def write_model(home: Path, shape: str, seed: int = 0) -> None:
+    """A random-weight CLIP of ``shape`` under the production tag, in the store at ``home``."""
+    os.environ["BENTOML_HOME"] = str(home)
+    import bentoml
+
+    from bentos.tiny.clip import generate_shaped
+    from configuration.profiles import model_spec
+    from configuration.settings import Settings
+
+    spec = model_spec("clip", Settings(profile="production", clip_model=TAGS[shape]))
+    labels = {"profile": "production", "family": "clip", "architecture": spec.architecture}
+    with bentoml.models.create(spec.tag, labels=labels, metadata={"source": f"random weights, {shape} shape", "seed": seed}) as model:
+        generate_shaped(Path(model.path), seed, shape)
+    log(f"wrote a random {shape} as {model.tag}")
+
+
+def model_path(home: Path) -> Path:
+    return next((home / "models").glob("*/*/model.yaml")).parent
+
+
+# The raw model, in this process
+
+
+def timed(fn, repeats: int) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    return (time.perf_counter() - started) / repeats
+
+
+def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from services.clip_pixels import PixelPreprocessor
+
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
+    model = CLIPModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    processor = CLIPProcessor.from_pretrained(path)
+    fast = PixelPreprocessor(processor.image_processor, device, dtype, "fast", decode_threads=8)
+    reference = PixelPreprocessor(processor.image_processor, device, dtype, "reference", decode_threads=8)
+    out: dict = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", "images": {}, "texts": {}}
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            pixels = fast(jpegs[:batch]).pixel_values
+            seconds = timed(lambda: model.get_image_features(pixel_values=pixels), repeats=max(3, 512 // batch))
+            out["images"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
+            log(f"raw image model, batch {batch}: {batch / seconds:,.0f}/s ({1000 * seconds:.1f} ms)")
+        for mode, pre in (("fast", fast), ("reference", reference)):
+            batch = max(batch_sizes)
+            seconds = timed(lambda: model.get_image_features(pixel_values=pre(jpegs[:batch]).pixel_values), repeats=3)
+            out["images"][f"{mode}_preprocessing_plus_model_per_s"] = batch / seconds
+            log(f"{mode} preprocessing + model in-process, batch {batch}: {batch / seconds:,.0f}/s")
+        # The fast path against the reference path on the same photographs, the same model
+        sample = jpegs[: max(batch_sizes)]
+        a = torch.nn.functional.normalize(model.get_image_features(pixel_values=fast(sample).pixel_values).pooler_output.float(), dim=-1)
+        b = torch.nn.functional.normalize(model.get_image_features(pixel_values=reference(sample).pixel_values).pooler_output.float(), dim=-1)
+        cosine = (a * b).sum(-1)
+        pixel_diff = (fast(sample[:64]).pixel_values.float() - reference(sample[:64]).pixel_values.float()).abs()
+        out["parity"] = {
+            "images": len(sample),
+            "cosine_min": cosine.min().item(),
+            "cosine_mean": cosine.mean().item(),
+            "pixel_abs_diff_max": pixel_diff.max().item(),
+            "pixel_abs_diff_mean": pixel_diff.mean().item(),
+        }
+        log(f"fast vs reference preprocessing: cosine min {cosine.min().item():.5f}, mean {cosine.mean().item():.5f}")
+        for batch in batch_sizes:
+            tokens = processor(text=texts(batch), return_tensors="pt", padding=True, truncation=True).to(device)
+            seconds = timed(lambda: model.get_text_features(**tokens), repeats=max(3, 512 // batch))
+            out["texts"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
+            log(f"raw text model, batch {batch}: {batch / seconds:,.0f}/s")
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# The service
+
+
+class Server:
+    def __init__(self, home: Path, shape: str, port: int, gateway_workers: int, **env: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        environment = {
+            **os.environ,
+            "BENTOML_HOME": str(home),
+            "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "MULTIMODAL_PROFILE": "production",
+            "MULTIMODAL_CLIP_MODEL": TAGS[shape],
+            "MULTIMODAL_FAMILIES": "clip",
+            "MULTIMODAL_CACHE_BACKEND": "none",  # every request reaches the model
+            "MULTIMODAL_GATEWAY_WORKERS": str(gateway_workers),
+            "MULTIMODAL_MAX_CONCURRENT_REQUESTS": "1024",
+            **env,
+        }
+        self.log = home / f"serve-{port}.log"
+        command = [sys.executable, "-m", "bentoml", "serve", "services.gateway:Gateway", "--port", str(port), "--host", "127.0.0.1"]
+        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-4000:]}")
+
+    def mean_batch(self, kind: str) -> tuple[float, float]:
+        """(items, batches) the CLIP service has encoded so far."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values = {"clip_batch_size_sum": 0.0, "clip_batch_size_count": 0.0}
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
+            for sample in family.samples:
+                if sample.name in values and sample.labels.get("kind") == kind:
+                    values[sample.name] += sample.value
+        return values["clip_batch_size_sum"], values["clip_batch_size_count"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class GpuSampler:
+    """Mean GPU utilisation (nvidia-smi, every 0.2 s) while a level runs; None without a GPU."""
+
+    def __enter__(self) -> GpuSampler:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            return
+        while not self._stop.wait(0.2):
+            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace) -> dict:
+    items_before, batches_before = server.mean_batch(kind)
+    with GpuSampler() as gpu:
+        result: LevelResult = run_level(
+            f"{server.url}/v1/embeddings", bodies, concurrency, duration=args.duration, warmup=args.warmup, processes=args.client_processes
+        )
+    items, batches = (a - b for a, b in zip(server.mean_batch(kind), (items_before, batches_before)))
+    row = {"scenario": name, **result.as_dict(), "mean_batch": items / batches if batches else 0.0, "gpu_util_percent": gpu.mean}
+    gpu_text = f", GPU {gpu.mean:.0f}%" if gpu.mean is not None else ""
+    log(f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"batch {row['mean_batch']:.1f}{gpu_text}, statuses {result.statuses}")  # fmt: skip
+    return row
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["service"] if r["scenario"] == "images"]
+    levels = [r["concurrency"] for r in rows]
+    raw = results["raw"]["images"][str(max(int(k) for k in results["raw"]["images"] if str(k).isdigit()))]["model_per_s"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(levels, [r["per_second"] for r in rows], marker="o", label="service, /v1/embeddings (1 JPEG a request)")
+    left.axhline(raw, color="gray", linestyle="--", label=f"raw model, batched ({raw:,.0f}/s)")
+    left.axhline(0.8 * raw, color="gray", linestyle=":", label="80% of raw")
+    off = [r for r in results["service"] if r["scenario"] == "images, batching off"]
+    if off:
+        left.scatter([r["concurrency"] for r in off], [r["per_second"] for r in off], color="red", label="max batch size 1")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("images / s")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.plot(levels, [r["p50_ms"] for r in rows], marker="o", label="p50")
+    right.plot(levels, [r["p99_ms"] for r in rows], marker="^", label="p99")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("latency (ms)")
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.suptitle(f"CLIP {results['shape']} on {results['raw']['device']}: end to end vs the raw model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(TAGS), default="vit-l-14")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
+    parser.add_argument("--batching-off-at", type=int, default=128, help="concurrency of the max-batch-size-1 run")
+    parser.add_argument("--text-levels", type=int, nargs="+", default=[256])
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level")
+    # BentoML's batcher relearns its wait from the last 50 batches, at most every 5 s: a level is
+    # measured once it has adapted to that level's load.
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each level")
+    parser.add_argument("--gateway-workers", type=int, default=8)
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
+    parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
+    write_model(home, args.shape)
+    jpegs = photo_jpegs(args.images)
+    log(f"{len(jpegs)} JPEGs, {np.mean([len(j) for j in jpegs]) / 1000:.0f} KB on average")
+    results: dict = {"shape": args.shape, "args": {k: str(v) for k, v in vars(args).items()}, "service": []}
+    results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)
+    results["raw"]["device_cpu_count"] = os.cpu_count()
+    results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)
+
+    image_bodies = [embeddings_body([data_url(j)]) for j in jpegs]
+    text_list = texts(20_000)
+    single_texts = [embeddings_body([t]) for t in text_list]
+    text_batches = [embeddings_body(text_list[i : i + 64]) for i in range(0, len(text_list) - 64, 64)]
+
+    server = Server(home, args.shape, 3000, args.gateway_workers)
+    try:
+        server.wait_ready()
+        log("server ready; warming up")
+        measure(server, "warm-up", "image", image_bodies, 64, args)
+        for level in args.levels:
+            results["service"].append(measure(server, "images", "image", image_bodies, level, args))
+        for level in args.text_levels:
+            results["service"].append(measure(server, "single texts", "text", single_texts, level, args))
+        results["service"].append(measure(server, "64 texts a request", "text", text_batches, 32, args))
+    finally:
+        server.stop()
+    server = Server(home, args.shape, 3001, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE="1")
+    try:
+        server.wait_ready()
+        measure(server, "warm-up", "image", image_bodies, 16, args)
+        results["service"].append(measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args))
+    finally:
+        server.stop()
+
+    path = args.out / f"clip_{args.shape}.json"
+    path.write_text(json.dumps(results, indent=2))
+    results = json.loads(path.read_text())  # keys as strings, as a reader of the file sees them
+    plot(results, args.out / f"clip_{args.shape}.png")
+    log(f"wrote {path} and its plot")
+    summarize(results)
+
+
+def summarize(results: dict) -> None:
+    raw = results["raw"]
+    raw_images = max(v["model_per_s"] for k, v in raw["images"].items() if str(k).isdigit())
+    raw_texts = max(v["model_per_s"] for v in raw["texts"].values())
+    rows = results["service"]
+    images = [r for r in rows if r["scenario"] == "images"]
+    best = max(images, key=lambda r: r["per_second"])
+    on = next((r for r in images if r["concurrency"] == int(results["args"]["batching_off_at"])), best)
+    off = next(r for r in rows if r["scenario"] == "images, batching off")
+    print(f"\n## CLIP {results['shape']} on {raw['device']}")
+    print(f"raw image model {raw_images:,.0f}/s; batch 1 {raw['images']['1']['model_ms']:.1f} ms")
+    print(f"images end to end / raw: {best['per_second'] / raw_images:.0%} ({best['per_second']:,.0f}/s at {best['concurrency']} clients)")
+    for r in rows:
+        print(f"  {r['scenario']:<22} c={r['concurrency']:<4} {r['per_second']:>9,.1f}/s  p50 {r['p50_ms']:>8.1f} ms  "
+              f"p99 {r['p99_ms']:>8.1f} ms  batch {r['mean_batch']:>5.1f}  {r['statuses']}")  # fmt: skip
+    print(f"batching on / off at {on['concurrency']} clients: {on['per_second'] / max(off['per_second'], 1e-9):.1f}x")
+    batches = next(r for r in rows if r["scenario"] == "64 texts a request")
+    print(f"64-text requests: {64 * batches['per_second']:,.0f} texts/s = {64 * batches['per_second'] / raw_texts:.0%} of raw ({raw_texts:,.0f}/s)")
+    print(f"parity fast vs reference: {raw['parity']}")
+
+
+if __name__ == "__main__":
+    main()
