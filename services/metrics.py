@@ -91,8 +91,19 @@ def queued(model: str) -> Iterator[None]:
         gauge.dec()
 
 
+# NVML's set-up (torch.cuda.utilization initialises it on every call) costs up to tens of
+# milliseconds: sampled on every batch it was a fixed cost per batch on the serving path.
+GPU_SAMPLE_SECONDS = 5.0
+_last_gpu_sample = -GPU_SAMPLE_SECONDS
+
+
 def record_gpu() -> None:
-    """Sample the GPU this process uses; a no-op without one."""
+    """Sample the GPU this process uses, at most every GPU_SAMPLE_SECONDS; a no-op without one."""
+    global _last_gpu_sample
+    now = time.monotonic()
+    if now - _last_gpu_sample < GPU_SAMPLE_SECONDS:
+        return
+    _last_gpu_sample = now
     import torch
 
     if not torch.cuda.is_available():
