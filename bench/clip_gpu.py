@@ -193,6 +193,7 @@ class Server:
             "MULTIMODAL_FAMILIES": "clip",
             "MULTIMODAL_CACHE_BACKEND": "none",  # every request reaches the model
             "MULTIMODAL_GATEWAY_WORKERS": str(gateway_workers),
+            "MULTIMODAL_CLIP_WORKERS": os.environ.get("MULTIMODAL_CLIP_WORKERS", "1"),
             "MULTIMODAL_MAX_CONCURRENT_REQUESTS": "1024",
             **env,
         }
@@ -215,17 +216,17 @@ class Server:
             time.sleep(1)
         raise RuntimeError(f"server not ready:\n{self.log.read_text()[-4000:]}")
 
-    def mean_batch(self, kind: str) -> tuple[float, float]:
-        """(items, batches) the CLIP service has encoded so far."""
+    def batch_totals(self, kind: str) -> tuple[float, float, float]:
+        """(items, batches, seconds inside the encoder) of the CLIP service so far."""
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
-        values = {"clip_batch_size_sum": 0.0, "clip_batch_size_count": 0.0}
+        values = {"clip_batch_size_sum": 0.0, "clip_batch_size_count": 0.0, "clip_embedding_duration_seconds_sum": 0.0}
         for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
             for sample in family.samples:
                 if sample.name in values and sample.labels.get("kind") == kind:
                     values[sample.name] += sample.value
-        return values["clip_batch_size_sum"], values["clip_batch_size_count"]
+        return tuple(values.values())  # type: ignore[return-value]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -266,16 +267,25 @@ class GpuSampler:
 
 
 def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace) -> dict:
-    items_before, batches_before = server.mean_batch(kind)
+    before = server.batch_totals(kind)
     with GpuSampler() as gpu:
         result: LevelResult = run_level(
             f"{server.url}/v1/embeddings", bodies, concurrency, duration=args.duration, warmup=args.warmup, processes=args.client_processes
         )
-    items, batches = (a - b for a, b in zip(server.mean_batch(kind), (items_before, batches_before)))
-    row = {"scenario": name, **result.as_dict(), "mean_batch": items / batches if batches else 0.0, "gpu_util_percent": gpu.mean}
+    items, batches, encoding = (a - b for a, b in zip(server.batch_totals(kind), before))
+    row = {
+        "scenario": name,
+        **result.as_dict(),
+        "mean_batch": items / batches if batches else 0.0,
+        "gpu_util_percent": gpu.mean,
+        # How busy the CLIP service's encoder was: near 1, it is the wall; far below, something before it is.
+        "encoder_busy": encoding / (args.duration + args.warmup + 1.0),  # run_level starts its clients 1 s in
+        "encoder_ms_per_batch": 1000 * encoding / batches if batches else 0.0,
+    }
     gpu_text = f", GPU {gpu.mean:.0f}%" if gpu.mean is not None else ""
     log(f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-        f"batch {row['mean_batch']:.1f}{gpu_text}, statuses {result.statuses}")  # fmt: skip
+        f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, encoder busy {row['encoder_busy']:.0%})"
+        f"{gpu_text}, statuses {result.statuses}")  # fmt: skip
     return row
 
 
@@ -327,6 +337,7 @@ def main() -> None:
     # measured once it has adapted to that level's load.
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each level")
     parser.add_argument("--gateway-workers", type=int, default=8)
+    parser.add_argument("--clip-workers", type=int, default=1, help="CLIP service processes sharing the GPU")
     parser.add_argument("--large-batch", type=int, default=256, help="also measure at this max batch size (0: skip)")
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
@@ -334,6 +345,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["MULTIMODAL_CLIP_WORKERS"] = str(args.clip_workers)
 
     home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
     write_model(home, args.shape)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="`fast`: JPEGs decoded and every image resized on the model's device (nvJPEG on a GPU); "
         "`reference`: Pillow and transformers' processor on the CPU.",
     )
+    clip_workers: int = Field(
+        1,
+        ge=1,
+        description="CLIP service processes (each with the model) sharing the device: one's CPU work overlaps another's GPU work.",
+    )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
     whisper_max_batch_size: int = Field(16, ge=1, description="Most 30-second windows in one Whisper decode batch.")
     whisper_max_latency_ms: int = Field(

@@ -60,6 +60,7 @@ else:
 
 @bentoml.service(
     name="CLIP",
+    workers=settings.clip_workers,
     traffic={"timeout": settings.request_timeout_seconds},
     resources={"gpu": 1} if settings.device == "cuda" else {},
     # BentoML 1.4.40 replaces its client session to a dependency every 100 requests (or 5 min)
