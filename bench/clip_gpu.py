@@ -171,9 +171,6 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
             seconds = timed(lambda: model.get_text_features(**tokens), repeats=max(3, 512 // batch))
             out["texts"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
             log(f"raw text model, batch {batch}: {batch / seconds:,.0f}/s")
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
     return out
 
 
@@ -352,7 +349,7 @@ def main() -> None:
     jpegs = photo_jpegs(args.images)
     log(f"{len(jpegs)} JPEGs, {np.mean([len(j) for j in jpegs]) / 1000:.0f} KB on average")
     results: dict = {"shape": args.shape, "args": {k: str(v) for k, v in vars(args).items()}, "service": []}
-    results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)
+    results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)  # its model is freed on return
     results["raw"]["device_cpu_count"] = os.cpu_count()
     results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)
 
