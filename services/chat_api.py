@@ -31,6 +31,13 @@ from services.media import checked_data_url, decode_base64, is_data_url
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def without_placeholders(text: str) -> str:
+    """``text`` with no image placeholder left: one pass would turn ``<<image>image>`` into one."""
+    while IMAGE_PLACEHOLDER in text:
+        text = text.replace(IMAGE_PLACEHOLDER, "")
+    return text
+
+
 def _client_for(service_url: str | None, timeout_seconds: float) -> httpx.AsyncClient | None:
     """An HTTP client to a dependency service: its Unix socket under `bentoml serve`, else its URL."""
     if not service_url:
@@ -117,11 +124,11 @@ class LlavaAPI:
             raise APIError(400, f"max_tokens is limited to {limit}", code="invalid_value", param="max_tokens")
         for message in request.messages:
             if isinstance(message.content, str):
-                message.content = message.content.replace(IMAGE_PLACEHOLDER, "")
+                message.content = without_placeholders(message.content)
                 continue
             for part in message.content:
                 if isinstance(part, TextPart):
-                    part.text = part.text.replace(IMAGE_PLACEHOLDER, "")
+                    part.text = without_placeholders(part.text)
                 elif isinstance(part, ImagePart):
                     part.image_url.url = await self._safe_data_url(part.image_url.url)
         body = request.model_dump(exclude_none=True, exclude={"max_completion_tokens"})

@@ -15,7 +15,7 @@ from configuration.settings import Settings
 from services import metrics
 from services.embeddings import ClipEmbedder
 from services.errors import APIError, check_model
-from services.media import EncodedImage, is_data_url, read_image
+from services.media import EncodedImage, is_image_data_url, read_image
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -104,8 +104,8 @@ class ClipAPI:
         if not inputs:
             raise APIError(400, "input must not be empty", code="invalid_value", param="input")
         self._check_count(len(inputs), "input")
-        image_at = [i for i, value in enumerate(inputs) if is_data_url(value)]
-        text_at = [i for i, value in enumerate(inputs) if not is_data_url(value)]
+        image_at = [i for i, value in enumerate(inputs) if is_image_data_url(value)]
+        text_at = [i for i, value in enumerate(inputs) if not is_image_data_url(value)]
         texts = [inputs[i] for i in text_at]
         self._check_texts(texts, "input")
         images = [self._read(inputs[i], f"input[{i}]") for i in image_at]

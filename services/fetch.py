@@ -81,7 +81,10 @@ class ImageFetcher:
         self._trusted_networks = [ipaddress.ip_network(n) for n in settings.image_fetch_trusted_networks]
 
     def _check_url(self, url: str) -> tuple[str, int]:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unbalanced IPv6 bracket, say
+            raise ForbiddenAddress(url, "malformed URL") from None
         if parts.scheme not in ("http", "https"):
             raise ForbiddenAddress(url, "only http and https URLs are fetched")
         host = (parts.hostname or "").lower()
@@ -103,7 +106,7 @@ class ImageFetcher:
 
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror:
+        except (socket.gaierror, UnicodeError):  # UnicodeError: a label IDNA refuses (over 63 characters, say)
             raise APIError(400, f"image URL host {host!r} does not resolve", code="image_url_unreachable", param="image_url") from None
         results: list[ResolveResult] = []
         for family, _, proto, _, sockaddr in infos:

@@ -40,14 +40,19 @@ class BodySizeLimitMiddleware:
         return error_response(413, self._message(), code="request_too_large")
 
 
+# Health and readiness probes and metrics scrapes: a busy worker must still answer them, or
+# Kubernetes restarts it exactly when it is most needed.
+UNLIMITED_PATHS = frozenset({"/health", "/ready", "/livez", "/readyz", "/metrics"})
+
+
 class ConcurrencyLimitMiddleware:
-    """429 once ``max_in_flight`` requests are being served by this worker."""
+    """429 once ``max_in_flight`` requests are being served by this worker (probes excepted)."""
 
     def __init__(self, app: ASGIApp, max_in_flight: int) -> None:
         self.app, self.max_in_flight, self.in_flight = app, max_in_flight, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:

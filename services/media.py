@@ -36,6 +36,12 @@ def is_data_url(value: str) -> bool:
     return value.startswith("data:")
 
 
+def is_image_data_url(value: str) -> bool:
+    """Meant as an image: ``data:image/...``. Other text that starts with ``data:`` (``data: 42 is
+    the answer``) is text; an image URL that is not base64 is refused later, with a reason."""
+    return value.startswith("data:image/")
+
+
 def decode_base64(value: str, *, param: str, max_bytes: int) -> bytes:
     """Raw base64 or a ``data:...;base64,`` URL, validated."""
     payload = value

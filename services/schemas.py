@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 # Whisper's form fields (multipart, so they are parameters rather than a body model)
@@ -12,14 +12,45 @@ ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularity = Literal["segment", "word"]
 
 
-class _Request(BaseModel):
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (``"\\ud800"``), if anywhere.
+
+    JSON can carry one; no UTF-8 encoder accepts it, so it must be refused at the edge rather than
+    fail wherever the text is first encoded (a hash, a tokenizer, vLLM).
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (found := lone_surrogate_at(item, f"{path}[{i}]")) is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if (found := lone_surrogate_at(key, path) or lone_surrogate_at(item, f"{path}.{key}".lstrip("."))) is not None:
+                return found
+    return None
+
+
+class StrictRequest(BaseModel):
+    """A request body (or a part of one): unknown fields and invalid Unicode are client errors."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (where := lone_surrogate_at(data)) is not None:
+            raise ValueError(f"{where} is not valid Unicode text (it contains a lone surrogate)")
+        return data
 
 
 # Native routes (the original design's shapes)
 
 
-class SearchRequest(_Request):
+class SearchRequest(StrictRequest):
     image_data: str = Field(description="The image, base64 (raw or a data: URL).")
     texts: list[str] = Field(min_length=1, description="Candidate texts to rank against the image.")
     return_embeddings: bool = False
@@ -37,7 +68,7 @@ class SearchResponse(BaseModel):
     embeddings: SearchEmbeddings | None = None
 
 
-class ClassifyRequest(_Request):
+class ClassifyRequest(StrictRequest):
     image_data: str = Field(description="The image, base64 (raw or a data: URL).")
     labels: list[str] = Field(min_length=1, description="Candidate class names.")
     template: str = Field("a photo of a {}", description="Prompt each label is put into; `{}` marks the label.")
@@ -57,7 +88,7 @@ class ClassifyResponse(BaseModel):
 # OpenAI-compatible embeddings
 
 
-class EmbeddingsRequest(_Request):
+class EmbeddingsRequest(StrictRequest):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields we do not use
 
     input: str | list[str] = Field(description="Texts, or images as base64 `data:image/...` URLs.")

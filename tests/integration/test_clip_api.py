@@ -128,6 +128,14 @@ def test_usage_counts_tokens_as_the_tokenizer_does_cached_or_not(server, referen
         assert usage == {"prompt_tokens": expected, "total_tokens": expected}
 
 
+def test_text_that_starts_with_data_is_text(server, reference):
+    texts = ["data: 42 is the answer", "data:text/plain,hello"]
+    response = post(server, "/v1/embeddings", {"model": "clip", "input": texts})
+    assert response.status_code == 200, response.text
+    got = [d["embedding"] for d in response.json()["data"]]
+    np.testing.assert_allclose(got, reference.text_embeddings(texts), atol=TOLERANCE)
+
+
 def test_openai_sdk_unknown_model_is_not_found(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     with pytest.raises(openai.NotFoundError) as raised:
@@ -293,6 +301,11 @@ BAD_REQUESTS = {
     "embeddings bad image": ("/v1/embeddings", {"model": "clip", "input": ["data:image/png;base64,AAAA"]}, 400),
     "embeddings token arrays": ("/v1/embeddings", {"model": "clip", "input": [[1, 2, 3]]}, 400),
     "embeddings wrong dimensions": ("/v1/embeddings", {"model": "clip", "input": "a", "dimensions": 7}, 400),
+    "embeddings lone surrogate": ("/v1/embeddings", {"model": "clip", "input": ["fine", "bad \ud800"]}, 400),
+    "search lone surrogate": ("/search", {"image_data": b64(PNG), "texts": ["\udfff"]}, 400),
+    "classify lone surrogate label": ("/classify", {"image_data": b64(PNG), "labels": ["cat\ud83d"]}, 400),
+    "classify lone surrogate template": ("/classify", {"image_data": b64(PNG), "labels": ["cat"], "template": "\ud800 {}"}, 400),
+    "embeddings image data url not base64": ("/v1/embeddings", {"model": "clip", "input": ["data:image/png,abc"]}, 400),
 }
 
 

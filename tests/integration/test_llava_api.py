@@ -142,6 +142,8 @@ def test_vllm_metrics_appear_on_the_product_metrics(server, client):
         ("prompt longer than the context", [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}], {}, openai.BadRequestError, "context_length_exceeded"),
         ("max_tokens over the limit", [{"role": "user", "content": "hi"}], {"max_tokens": 100_000}, openai.BadRequestError, "invalid_value"),
         ("remote fetching of a file: URL", image_chat("file:///etc/passwd"), {}, openai.BadRequestError, "invalid_image"),
+        ("lone surrogate in text", image_chat(data_url(IMAGE), "what is \ud800?"), {}, openai.BadRequestError, "invalid_value"),
+        ("lone surrogate as content", [{"role": "user", "content": "\udfff"}], {}, openai.BadRequestError, "invalid_value"),
     ],
 )  # fmt: skip
 def test_bad_chat_requests_are_4xx_in_the_error_shape(client, name, messages, options, error, code):

@@ -45,6 +45,12 @@ def test_only_http_and_https_with_a_host(url):
     assert fetch(Settings(image_fetch_enabled=True), url).code == "image_url_forbidden"
 
 
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://" + "a" * 64 + ".example/cat.png"], ids=["unbalanced bracket", "label over 63"])
+def test_malformed_urls_and_hosts_are_400(url):
+    error = fetch(Settings(image_fetch_enabled=True), url)
+    assert error.status == 400 and error.code in ("image_url_forbidden", "image_url_unreachable")
+
+
 def test_allow_list_is_checked_before_resolving(monkeypatch):
     def no_dns(*args, **kwargs):
         raise AssertionError("resolved a host that is not on the allow-list")

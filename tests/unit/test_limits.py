@@ -21,6 +21,10 @@ def make_app(max_bytes: int = 100, max_in_flight: int = 10) -> FastAPI:
     async def echo(request: Request) -> dict:
         return {"size": len(await request.body())}
 
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy"}
+
     @app.get("/slow")
     async def slow() -> dict:
         await asyncio.sleep(0.5)
@@ -49,3 +53,20 @@ def test_requests_over_the_concurrency_limit_are_429():
 
     statuses = sorted(r.status_code for r in asyncio.run(scenario()))
     assert statuses == [200, 200, 429, 429]
+
+
+def test_excess_requests_get_retry_after_and_probes_are_never_limited():
+    import httpx
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=make_app(max_in_flight=1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            slow = asyncio.create_task(client.get("/slow"))
+            await asyncio.sleep(0.1)  # the one slot is taken
+            answers = await asyncio.gather(client.get("/slow"), *(client.get("/health") for _ in range(3)))
+            return [await slow, *answers]
+
+    first, excess, *probes = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert excess.status_code == 429 and int(excess.headers["retry-after"]) >= 1
+    assert [p.status_code for p in probes] == [200, 200, 200]
