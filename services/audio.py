@@ -173,4 +173,6 @@ def decode_audio(data: bytes, limits: AudioLimits, *, param: str = "file") -> De
         samples = _decode_with_ffmpeg(data, fmt, limits, param)
     if len(samples) == 0:
         raise APIError(400, "audio file contains no audio", code="empty_audio", param=param)
+    if not np.isfinite(samples).all():  # a float WAV can hold NaN or infinity; no decoder output should
+        raise _invalid("audio samples must be finite numbers (the file holds NaN or infinity)", param)
     return DecodedAudio(samples=samples, format=fmt)

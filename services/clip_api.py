@@ -67,7 +67,7 @@ class ClipAPI:
         for score in similarities:
             metrics.SIMILARITY.observe(float(score))
         best = int(np.argmax(similarities))
-        embeddings = SearchEmbeddings(image=image_vectors[0].tolist(), texts=text_vectors.tolist())
+        embeddings = SearchEmbeddings(image_embedding=image_vectors[0].tolist(), text_embeddings=text_vectors.tolist())
         return SearchResponse(
             similarities=similarities.tolist(),
             best_match=request.texts[best],

@@ -145,11 +145,15 @@ class Gateway:
     @app.post("/transcribe", tags=["whisper"])
     async def transcribe(
         self,
-        file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
+        audio: Annotated[UploadFile | None, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")] = None,
+        file: Annotated[UploadFile | None, File(description="The same, under OpenAI's field name.")] = None,
         language: Annotated[str | None, Form(description="ISO 639-1 code; detected when unset.")] = None,
     ) -> TranscribeResponse:
-        """Upload audio, get its text and (given or detected) language."""
-        return await self._family("whisper").transcribe_upload(file, language)
+        """Upload audio (field `audio`, as the original design names it, or `file`), get its text and language."""
+        upload = audio or file
+        if upload is None:
+            raise APIError(400, "upload the audio in the multipart field `audio` (or `file`)", code="missing_file", param="audio")
+        return await self._family("whisper").transcribe_upload(upload, language)
 
     # Every family
 

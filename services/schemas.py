@@ -57,8 +57,10 @@ class SearchRequest(StrictRequest):
 
 
 class SearchEmbeddings(BaseModel):
-    image: list[float]
-    texts: list[list[float]]
+    """The original design's keys, which its clients read."""
+
+    image_embedding: list[float]
+    text_embeddings: list[list[float]]
 
 
 class SearchResponse(BaseModel):

@@ -76,8 +76,8 @@ def test_search_similarities_equal_transformers(server, reference, seed, size):
     np.testing.assert_allclose(body["similarities"], expected, atol=TOLERANCE)
     assert body["best_match"] == texts[int(np.argmax(expected))]
     assert body["best_similarity"] == pytest.approx(float(expected.max()), abs=TOLERANCE)
-    np.testing.assert_allclose(body["embeddings"]["image"], reference.image_embedding(image), atol=TOLERANCE)
-    np.testing.assert_allclose(body["embeddings"]["texts"], reference.text_embeddings(texts), atol=TOLERANCE)
+    np.testing.assert_allclose(body["embeddings"]["image_embedding"], reference.image_embedding(image), atol=TOLERANCE)
+    np.testing.assert_allclose(body["embeddings"]["text_embeddings"], reference.text_embeddings(texts), atol=TOLERANCE)
 
 
 def test_search_omits_embeddings_unless_asked(server):
@@ -211,7 +211,7 @@ def test_concurrent_requests_are_batched_without_changing_results(uncached_serve
     def image_embedding(image: str) -> list[float]:
         response = post(server, "/search", {"image_data": image, "texts": ["x"], "return_embeddings": True})
         assert response.status_code == 200, response.text
-        return response.json()["embeddings"]["image"]
+        return response.json()["embeddings"]["image_embedding"]
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         concurrent_texts = list(pool.map(text_embedding, texts))
@@ -367,4 +367,4 @@ def test_degenerate_image_shapes_equal_transformers(server, reference, size):
     image = random_image(40, size)
     response = post(server, "/search", {"image_data": b64(png_bytes(image)), "texts": ["a"], "return_embeddings": True})
     assert response.status_code == 200, response.text
-    np.testing.assert_allclose(response.json()["embeddings"]["image"], reference.image_embedding(image), atol=TOLERANCE)
+    np.testing.assert_allclose(response.json()["embeddings"]["image_embedding"], reference.image_embedding(image), atol=TOLERANCE)

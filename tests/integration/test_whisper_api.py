@@ -113,8 +113,10 @@ def duration_of(path: Path) -> float:
     return soundfile.info(str(path)).duration
 
 
-def post_audio(server, route: str, data: bytes, filename: str = "audio.wav", **fields: str) -> httpx.Response:
-    return httpx.post(f"{server.url}{route}", files={"file": (filename, data)}, data=fields, timeout=120)
+def post_audio(
+    server, route: str, data: bytes, filename: str = "audio.wav", field: str = "file", **fields: str
+) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", files={field: (filename, data)}, data=fields, timeout=120)
 
 
 def assert_timeline(spans: list[tuple[float, float]], duration: float) -> None:
@@ -200,6 +202,10 @@ def test_text_and_language_equal_transcribe(client, server, speech, reference, k
     native = post_audio(server, "/transcribe", path.read_bytes(), filename=path.name)
     assert native.status_code == 200, native.text
     assert native.json() == {"text": expected["text"].strip(), "language": expected["language"]}
+    # The original design's clients upload under the field name `audio`.
+    original = post_audio(server, "/transcribe", path.read_bytes(), filename=path.name, field="audio")
+    assert original.status_code == 200, original.text
+    assert original.json() == native.json()
 
 
 def test_language_and_prompt_reach_transcribe(client, speech, reference):
@@ -331,6 +337,10 @@ BAD_AUDIO = {
     "corrupt mp3": (b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 8, 400, "invalid_audio"),
     "over 25 MB": (b"RIFF" + bytes(25 * 2**20), 413, "file_too_large"),
 }
+
+
+def test_transcribe_without_an_upload_is_400(server):
+    assert_error_shape(httpx.post(f"{server.url}/transcribe", data={"language": "en"}, timeout=30), 400, "missing_file")
 
 
 def assert_error_shape(response: httpx.Response, status: int, code: str | None = None) -> None:

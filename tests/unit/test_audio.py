@@ -194,3 +194,10 @@ def test_long_recordings_are_cut_in_the_pause_before_30_seconds():
     assert len(cuts) == 3
     for cut, pause in zip(cuts, pauses):
         assert pause <= cut <= pause + 0.4, (cut, pause)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float_samples_are_invalid_audio(bad):
+    samples = tone(1.0)
+    samples[100] = bad
+    raises(encoded(samples, subtype="FLOAT"), 400, "invalid_audio")
