@@ -7,12 +7,15 @@ official SDKs raise their matching exception classes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any
 
 import httpx
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,10 +51,50 @@ def _error_type(status: int) -> str:
 RETRY_AFTER_SECONDS = 1
 
 
-def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, *, code: str | None = None, param: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+ERROR_MEANINGS = {
+    400: "Invalid request: a field, an image or audio that does not decode, text that is not valid Unicode.",
+    404: "The model is not served here.",
+    413: "The body, an image or the audio is too large.",
+    415: "The upload is not audio in an accepted format.",
+    429: "Too many requests in flight; retry after Retry-After seconds.",
+    503: "A model service is overloaded or unreachable; retry after Retry-After seconds.",
+    504: "A model service did not answer in time.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route: each status it may answer, with the one error model."""
+    from services.schemas import ErrorResponse
+
+    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+def document_errors_truthfully(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with a body; this API answers validation errors with
+    400 in the error shape and never sends 422, so the document leaves it out."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -73,7 +116,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code=HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
+        # exc.headers carries Allow on a 405.
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
 
     @app.exception_handler(BentoMLException)
     async def _dependency(_: Request, exc: BentoMLException) -> JSONResponse:

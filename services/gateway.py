@@ -23,7 +23,7 @@ from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services import metrics
 from services.chat_schemas import ChatCompletionRequest
-from services.errors import APIError, error_response, install_error_handlers
+from services.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
 from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from services.schemas import (
     ClassifyRequest,
@@ -56,6 +56,17 @@ if "whisper" in settings.families:
 
 app = FastAPI(title="Multimodal serving", description="CLIP, LLaVA and Whisper behind one API.")
 install_error_handlers(app)
+document_errors_truthfully(app)
+# What every model route may answer besides 200.
+MODEL_ROUTE_ERRORS = error_responses(400, 404, 413, 429, 503, 504)
+AUDIO_ROUTE_ERRORS = error_responses(400, 404, 413, 415, 429, 503, 504)
+CHAT_RESPONSES: dict[int | str, dict] = {
+    **MODEL_ROUTE_ERRORS,
+    200: {
+        "description": "A chat completion; with `stream: true`, server-sent events (`data: {...}` lines, then `data: [DONE]`).",
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    },
+}
 
 
 @bentoml.asgi_app(app, path="/")
@@ -88,31 +99,31 @@ class Gateway:
 
     # CLIP
 
-    @app.post("/search", response_model_exclude_none=True, tags=["clip"])
+    @app.post("/search", response_model_exclude_none=True, tags=["clip"], responses=MODEL_ROUTE_ERRORS)
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Rank texts by cosine similarity to an image."""
         return await self._family("clip").search(request)
 
-    @app.post("/classify", tags=["clip"])
+    @app.post("/classify", tags=["clip"], responses=MODEL_ROUTE_ERRORS)
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Zero-shot classification: softmax over CLIP's scaled image-text logits."""
         return await self._family("clip").classify(request)
 
-    @app.post("/v1/embeddings", tags=["clip"])
+    @app.post("/v1/embeddings", tags=["clip"], responses=MODEL_ROUTE_ERRORS)
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI-compatible embeddings of texts, and of images given as base64 ``data:`` URLs."""
         return await self._family("clip").embeddings(request)
 
     # LLaVA
 
-    @app.post("/v1/chat/completions", response_model=None, tags=["llava"])
+    @app.post("/v1/chat/completions", response_model=None, tags=["llava"], responses=CHAT_RESPONSES)
     async def chat_completions(self, request: ChatCompletionRequest) -> Response:
         """OpenAI-compatible chat with images (LLaVA through vLLM), streamed or not."""
         return await self._family("llava").chat(request)
 
     # Whisper (multipart uploads, as OpenAI's audio API takes them)
 
-    @app.post("/v1/audio/transcriptions", response_model=None, tags=["whisper"])
+    @app.post("/v1/audio/transcriptions", response_model=None, tags=["whisper"], responses=AUDIO_ROUTE_ERRORS)
     async def audio_transcriptions(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -129,7 +140,7 @@ class Gateway:
             "transcribe", file, model, language, prompt, response_format, temperature, timestamp_granularities
         )
 
-    @app.post("/v1/audio/translations", response_model=None, tags=["whisper"])
+    @app.post("/v1/audio/translations", response_model=None, tags=["whisper"], responses=AUDIO_ROUTE_ERRORS)
     async def audio_translations(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -142,7 +153,7 @@ class Gateway:
         whisper = self._family("whisper")
         return await whisper.openai("translate", file, model, None, prompt, response_format, temperature, None)
 
-    @app.post("/transcribe", tags=["whisper"])
+    @app.post("/transcribe", tags=["whisper"], responses=AUDIO_ROUTE_ERRORS)
     async def transcribe(
         self,
         audio: Annotated[UploadFile | None, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")] = None,
@@ -168,7 +179,7 @@ class Gateway:
         card = self.embedder.known_card if "clip" in self.families else None
         return HealthResponse(device=card.device if card else settings.device)
 
-    @app.get("/ready", response_model=ReadyResponse)
+    @app.get("/ready", response_model=ReadyResponse, responses=error_responses(503))
     async def ready(self):
         """Readiness: every enabled model service answers."""
         try:

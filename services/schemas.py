@@ -47,11 +47,24 @@ class StrictRequest(BaseModel):
         return data
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="OpenAI's error class: invalid_request_error, not_found_error, rate_limit_error, server_error.")
+    param: str | None = Field(description="The request field at fault, where one is.")
+    code: str | None = Field(description="A machine-readable reason, e.g. invalid_image, image_too_large, overloaded.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error on every route: OpenAI's shape; the HTTP status carries the class."""
+
+    error: ErrorDetail
+
+
 # Native routes (the original design's shapes)
 
 
 class SearchRequest(StrictRequest):
-    image_data: str = Field(description="The image, base64 (raw or a data: URL).")
+    image_data: str = Field(min_length=1, description="The image, base64 (raw or a data: URL).")
     texts: list[str] = Field(min_length=1, description="Candidate texts to rank against the image.")
     return_embeddings: bool = False
 
@@ -71,7 +84,7 @@ class SearchResponse(BaseModel):
 
 
 class ClassifyRequest(StrictRequest):
-    image_data: str = Field(description="The image, base64 (raw or a data: URL).")
+    image_data: str = Field(min_length=1, description="The image, base64 (raw or a data: URL).")
     labels: list[str] = Field(min_length=1, description="Candidate class names.")
     template: str = Field("a photo of a {}", description="Prompt each label is put into; `{}` marks the label.")
 
@@ -94,7 +107,7 @@ class EmbeddingsRequest(StrictRequest):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields we do not use
 
     input: str | list[str] = Field(description="Texts, or images as base64 `data:image/...` URLs.")
-    model: str
+    model: str = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None

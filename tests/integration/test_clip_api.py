@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,7 +60,9 @@ def unique_texts(n: int) -> list[str]:
 
 
 def post(server, route: str, payload: dict) -> httpx.Response:
-    return httpx.post(f"{server.url}{route}", json=payload, timeout=60)
+    # json.dumps escapes non-ASCII (as many clients do), so lone surrogates travel as "\\ud800".
+    body = json.dumps(payload).encode()
+    return httpx.post(f"{server.url}{route}", content=body, headers={"content-type": "application/json"}, timeout=60)
 
 
 # Parity with transformers on the same weights
@@ -317,6 +320,25 @@ def test_bad_input_is_a_4xx_in_the_error_shape(server, name):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_the_openapi_document_lists_the_errors_the_api_sends(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    routes = ["/search", "/classify", "/v1/embeddings", "/v1/chat/completions", "/v1/audio/transcriptions", "/transcribe"]
+    for route in routes:
+        responses = schema["paths"][route]["post"]["responses"]
+        assert {"400", "404", "413", "429", "503"} <= set(responses), route
+        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "415" in schema["paths"]["/transcribe"]["post"]["responses"]
+    assert all("422" not in operation["responses"] for path in schema["paths"].values() for operation in path.values())
+    assert schema["components"]["schemas"]["SearchRequest"]["properties"]["image_data"]["minLength"] == 1
+    assert "text/event-stream" in schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+
+
+def test_a_wrong_method_is_405_with_allow(server):
+    response = httpx.get(f"{server.url}/v1/embeddings")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_malformed_json_and_oversized_body(server):
