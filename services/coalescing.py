@@ -32,7 +32,7 @@ class Coalescer(Generic[Item]):
         """One result row per item, in order."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        self._waiting.extend(zip(items, futures))
+        self._waiting.extend(zip(items, futures, strict=True))
         self._dispatch()
         try:
             rows = await asyncio.gather(*futures, return_exceptions=True)
@@ -55,6 +55,8 @@ class Coalescer(Generic[Item]):
     async def _call(self, taken: list[tuple[Item, asyncio.Future[np.ndarray]]]) -> None:
         try:
             rows = await self._send([item for item, _ in taken])
+            if len(rows) != len(taken):  # never leave a waiter without an answer
+                raise RuntimeError(f"the model service answered {len(rows)} rows for {len(taken)} items")
         except BaseException as exc:  # every waiter gets the failure; cancellation included
             for _, future in taken:
                 if not future.done():
@@ -62,7 +64,7 @@ class Coalescer(Generic[Item]):
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, future), row in zip(taken, rows):
+            for (_, future), row in zip(taken, rows, strict=True):
                 if not future.done():
                     future.set_result(row)
         finally:

@@ -94,7 +94,7 @@ class ClipEmbedder:
             unique = {keys[i]: i for i in missing}
             with metrics.queued("clip"):
                 encoded = await self._encode[kind]([items[i] for i in unique.values()])
-            fresh = {key: row for key, row in zip(unique, encoded)}
+            fresh = dict(zip(unique, encoded, strict=True))
             # An image that did not decode (a row of NaN) is not worth remembering.
             await self._cache.set_many({key: row for key, row in fresh.items() if not np.isnan(row[0])}, self._ttl[kind])
             for i in missing:

@@ -76,6 +76,17 @@ def test_a_failed_call_fails_its_requests_and_later_calls_still_run():
     asyncio.run(main())
 
 
+def test_a_short_answer_fails_the_requests_instead_of_leaving_them_waiting():
+    async def short(items: list[int]) -> np.ndarray:
+        return np.zeros((len(items) - 1, 1), dtype=np.float32)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="rows for"):
+            await asyncio.wait_for(Coalescer(short, max_items=64)([1, 2, 3]), timeout=5)
+
+    asyncio.run(main())
+
+
 def test_a_cancelled_request_leaves_the_queue_and_the_others_are_answered():
     model = RecordingModel(delay=0.05)
 
