@@ -327,7 +327,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(TAGS), default="vit-l-14")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
-    parser.add_argument("--batching-off-at", type=int, default=128, help="concurrency of the max-batch-size-1 run")
+    parser.add_argument("--batching-off-at", type=int, default=128, help="concurrency of the max-batch-size-1 run (0: skip)")
     parser.add_argument("--text-levels", type=int, nargs="+", default=[256])
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level")
     # BentoML's batcher relearns its wait from the last 50 batches, at most every 5 s: a level is
@@ -380,13 +380,14 @@ def main() -> None:
                 results["service"].append(measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args))
         finally:
             server.stop()
-    server = Server(home, args.shape, 3001, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE="1")
-    try:
-        server.wait_ready()
-        measure(server, "warm-up", "image", image_bodies, 16, args)
-        results["service"].append(measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args))
-    finally:
-        server.stop()
+    if args.batching_off_at:
+        server = Server(home, args.shape, 3001, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE="1")
+        try:
+            server.wait_ready()
+            measure(server, "warm-up", "image", image_bodies, 16, args)
+            results["service"].append(measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args))
+        finally:
+            server.stop()
 
     path = args.out / f"clip_{args.shape}.json"
     path.write_text(json.dumps(results, indent=2))
@@ -405,7 +406,7 @@ def summarize(results: dict) -> None:
     best = max(images, key=lambda r: r["per_second"])
     large = [r for r in rows if r["scenario"].startswith("images, max batch")]
     on = next((r for r in images if r["concurrency"] == int(results["args"]["batching_off_at"])), best)
-    off = next(r for r in rows if r["scenario"] == "images, batching off")
+    off = next((r for r in rows if r["scenario"] == "images, batching off"), None)
     print(f"\n## CLIP {results['shape']} on {raw['device']}")
     print(f"raw image model {raw_images:,.0f}/s; batch 1 {raw['images']['1']['model_ms']:.1f} ms")
     print(f"images end to end / raw: {best['per_second'] / raw_images:.0%} ({best['per_second']:,.0f}/s at {best['concurrency']} clients)")
@@ -415,7 +416,8 @@ def summarize(results: dict) -> None:
     for r in rows:
         print(f"  {r['scenario']:<22} c={r['concurrency']:<4} {r['per_second']:>9,.1f}/s  p50 {r['p50_ms']:>8.1f} ms  "
               f"p99 {r['p99_ms']:>8.1f} ms  batch {r['mean_batch']:>5.1f}  {r['statuses']}")  # fmt: skip
-    print(f"batching on / off at {on['concurrency']} clients: {on['per_second'] / max(off['per_second'], 1e-9):.1f}x")
+    if off:
+        print(f"batching on / off at {on['concurrency']} clients: {on['per_second'] / max(off['per_second'], 1e-9):.1f}x")
     batches = next(r for r in rows if r["scenario"] == "64 texts a request")
     print(f"64-text requests: {64 * batches['per_second']:,.0f} texts/s = {64 * batches['per_second'] / raw_texts:.0%} of raw ({raw_texts:,.0f}/s)")
     print(f"parity fast vs reference: {raw['parity']}")
