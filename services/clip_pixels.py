@@ -51,7 +51,7 @@ def _pillow_rgb(data: bytes) -> Image.Image | None:
 
 
 def _chw(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy, as torch wants
 
 
 class PixelPreprocessor:

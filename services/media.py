@@ -62,11 +62,6 @@ def decode_base64(value: str, *, param: str, max_bytes: int) -> bytes:
     return data
 
 
-def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
-    """Decode to RGB, refusing non-images, other formats, bombs and truncated files."""
-    return _load(data, param=param, max_pixels=max_pixels).convert("RGB")
-
-
 def checked_data_url(data: bytes, *, param: str, max_pixels: int) -> str:
     """A ``data:`` URL of ``data`` once it has decoded as an accepted image, its MIME type from its content."""
     image = _load(data, param=param, max_pixels=max_pixels)

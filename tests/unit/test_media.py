@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from services.errors import APIError
-from services.media import decode_base64, open_image, read_image
+from services.media import decode_base64, read_image
 from tests.helpers import b64, data_url, png_bytes, png_header_only, random_image
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 1_000_000}
@@ -29,11 +29,6 @@ def test_line_wrapped_base64_is_accepted():
     data = png_bytes(random_image(1))
     wrapped = "\n".join(b64(data)[i : i + 76] for i in range(0, len(b64(data)), 76))
     assert decode_base64(wrapped, param="p", max_bytes=LIMITS["max_bytes"]) == data
-
-
-def test_rgba_and_palette_images_become_rgb():
-    for mode in ("RGBA", "P", "L"):
-        assert open_image(png_bytes(Image.new(mode, (8, 8))), param="p", max_pixels=100).mode == "RGB"
 
 
 @pytest.mark.parametrize(
@@ -55,12 +50,10 @@ def test_hostile_inputs_are_client_errors(value, status, code):
     assert (raised.value.status, raised.value.code, raised.value.param) == (status, code, "image_data")
 
 
-def test_a_truncated_image_passes_the_header_check_and_fails_to_decode():
+def test_a_truncated_image_passes_the_header_check():
+    # Its pixels fail where they are decoded (tests/unit/test_clip_pixels.py).
     truncated = png_bytes(random_image(2))[:200]
-    assert read_image(b64(truncated), param="p", **LIMITS).data == truncated  # the CLIP service will refuse it
-    with pytest.raises(APIError) as raised:
-        open_image(truncated, param="p", max_pixels=LIMITS["max_pixels"])
-    assert (raised.value.status, raised.value.code) == (400, "invalid_image")
+    assert read_image(b64(truncated), param="p", **LIMITS).data == truncated
 
 
 def test_formats_outside_the_allow_list_are_refused():
@@ -69,5 +62,5 @@ def test_formats_outside_the_allow_list_are_refused():
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "TIFF")
     with pytest.raises(APIError) as raised:
-        open_image(buffer.getvalue(), param="p", max_pixels=100)
-    assert raised.value.status == 400
+        read_image(b64(buffer.getvalue()), param="p", **LIMITS)
+    assert (raised.value.status, raised.value.code) == (400, "invalid_image")
