@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         description="CLIP service processes (each with the model) sharing the device: one's CPU work overlaps another's GPU work.",
     )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
+    clip_cuda_graphs: bool = Field(
+        True,
+        description="On a GPU, run CLIP's encoders as CUDA graphs captured per batch size at start-up "
+        "(one launch per batch instead of hundreds).",
+    )
     whisper_max_batch_size: int = Field(16, ge=1, description="Most 30-second windows in one Whisper decode batch.")
     whisper_max_latency_ms: int = Field(
         60_000, ge=10, description="Latency budget of a Whisper batch; past it BentoML sheds load with 503."

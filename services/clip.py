@@ -2,10 +2,10 @@
 
 Requests from every caller meet in BentoML's adaptive batcher, which sends one batch at a
 time to ``encode_images`` / ``encode_texts`` (sizes from configuration). Images arrive as the
-client's encoded bytes and are decoded and preprocessed here, on the GPU where there is one
-(``services.clip_pixels``). Embeddings come back L2-normalised as float32, so a dot product is
-the cosine similarity. On a GPU the model runs in half precision with SDPA attention. The entry
-service (``services.gateway``) composes this one.
+client's encoded bytes; ``services.clip_encoder`` decodes, preprocesses and encodes them, on the
+GPU where there is one (in half precision, with SDPA attention and CUDA graphs). Embeddings come
+back L2-normalised as float32, so a dot product is the cosine similarity. The entry service
+(``services.gateway``) composes this one.
 """
 
 from __future__ import annotations
@@ -74,81 +74,58 @@ class CLIP:
 
     def __init__(self) -> None:
         import torch
-        from transformers import CLIPModel, CLIPProcessor
 
-        from services.clip_pixels import PixelPreprocessor  # torch: only in this service's process
+        # torch and transformers: only in this service's process
+        from services.clip_encoder import ClipEncoder, EncoderOptions
 
         use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.dtype = torch.float16 if use_cuda else torch.float32
+        device = torch.device("cuda" if use_cuda else "cpu")
         path = Path(self.model_ref.path)
-        self.model = CLIPModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa").to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path)
-        self.pixels = PixelPreprocessor(
-            self.processor.image_processor,
-            self.device,
-            self.dtype,
-            settings.clip_preprocessing,
+        options = EncoderOptions(
+            preprocessing=settings.clip_preprocessing,
             decode_threads=settings.clip_decode_threads,
+            largest_batch=settings.clip_max_batch_size,
+            cuda_graphs=settings.clip_cuda_graphs,
         )
+        self.encoder = ClipEncoder(path, device, options)
         self.card = ClipModelCard(
             model=str(self.model_ref.tag.name),
             revision=str(self.model_ref.tag.version),
             preprocessing=self._preprocessing_version(path, settings.clip_preprocessing),
-            device=str(self.device),
-            embedding_dim=self.model.config.projection_dim,
-            logit_scale=self.model.logit_scale.detach().exp().item(),
+            device=str(device),
+            embedding_dim=self.encoder.embedding_dim,
+            logit_scale=self.encoder.logit_scale,
         )
-        log.info("CLIP %s on %s (%s, %s preprocessing)", self.model_ref.tag, self.device, self.dtype, settings.clip_preprocessing)
+        log.info(
+            "CLIP %s on %s (%s, %s preprocessing, CUDA graphs %s)",
+            self.model_ref.tag,
+            device,
+            self.encoder.dtype,
+            settings.clip_preprocessing,
+            "on" if self.encoder.graphs else "off",
+        )
 
     def _preprocessing_version(self, path: Path, mode: str) -> str:
         config = b"".join(p.read_bytes() for p in sorted(path.glob("*processor_config.json")))
         digest = hashlib.sha256(config + PREPROCESSING_CODE_VERSION.encode()).hexdigest()[:12]
-        return f"{digest}-{mode}-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
-
-    def _finish(self, features, kind: str, size: int, started: float) -> np.ndarray:
-        import torch
-
-        embeddings = torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
-        metrics.EMBEDDING_DURATION.labels(kind).observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.labels(kind).observe(size)
-        metrics.record_gpu()
-        return embeddings
+        dtype = str(self.encoder.dtype).removeprefix("torch.")
+        return f"{digest}-{mode}-{self.encoder.device.type}-{dtype}"
 
     @encoder_api
     def encode_images(self, images: list[bytes]) -> np.ndarray:
         """Embeddings of encoded images (as the client sent them); a row of NaN where one does not decode."""
-        import torch
-
         started = time.perf_counter()
-        embeddings = np.full((len(images), self.card.embedding_dim), np.nan, dtype=np.float32)
-        with torch.inference_mode():
-            batch = self.pixels(images)
-            if batch.decoded:
-                features = self.model.get_image_features(pixel_values=batch.pixel_values).pooler_output
-                embeddings[batch.decoded] = self._normalised(features)
+        embeddings = self.encoder.encode_images(images)
         self._observe("image", len(images), started)
         return embeddings
 
     @encoder_api
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """One row per text: its embedding, then its token count as the encoder saw it (OpenAI's ``usage``)."""
-        import torch
-
         started = time.perf_counter()
-        with torch.inference_mode():
-            tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
-            features = self.model.get_text_features(**tokens).pooler_output
-            counts = tokens["attention_mask"].sum(dim=1, keepdim=True).float().cpu().numpy()
-        rows = np.concatenate([self._normalised(features), counts], axis=1)
+        rows = self.encoder.encode_texts(texts)
         self._observe("text", len(texts), started)
         return rows
-
-    @staticmethod
-    def _normalised(features) -> np.ndarray:
-        import torch
-
-        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
 
     @staticmethod
     def _observe(kind: str, size: int, started: float) -> None:

@@ -177,6 +177,8 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
     assert sorted(p.name for p in (bento.path / "src" / "services").iterdir()) == [
         "__init__.py",
         "clip.py",
+        "clip_encoder.py",
+        "clip_graphs.py",
         "clip_pixels.py",
         "metrics.py",
     ]
@@ -184,8 +186,8 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
     check_image(bento)
 
 
-# services.clip imports services.clip_pixels when its model loads: both must come from the bento.
-@pytest.mark.parametrize("key, module", [("clip", "services.clip, services.clip_pixels"), ("llava-gpu", "services.llava")])
+# services.clip imports services.clip_encoder when its model loads: all must come from the bento.
+@pytest.mark.parametrize("key, module", [("clip", "services.clip, services.clip_encoder"), ("llava-gpu", "services.llava")])
 def test_model_bento_imports_from_its_own_files(bentos: dict[str, Built], key: str, module: str) -> None:
     """A hand-picked include list is complete: the service imports from the bento's src alone."""
     src = bentos[key].path / "src"
