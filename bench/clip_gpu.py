@@ -6,9 +6,10 @@
 Steps, all in this one process and the servers it starts:
 1. Writes a CLIP of the published shape with random weights into a fresh model store, under
    the production tag (no hub is reachable; speed does not depend on the weights' values).
-2. The raw model, batched, on pixels already on the device (the ceiling), and the service's
-   own preprocessing + model in-process; the fast path's embeddings against the reference
-   path's on the same photographs (cosine).
+2. The raw model, batched, on pixels already on the device (the ceiling); the fast path's
+   embeddings against the reference path's on the same photographs (cosine). Then the
+   service's own encoder (``ClipEncoder``) in-process: eager, and with CUDA graphs at several
+   pipeline chunk sizes.
 3. ``bentoml serve`` with only CLIP, then closed-loop load on ``/v1/embeddings``: one JPEG
    photograph (about 50-150 KB) per request at rising concurrency; single texts; requests of
    64 texts. Then again with adaptive batching off (max batch size 1).
@@ -147,11 +148,10 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
             seconds = timed(lambda: model.get_image_features(pixel_values=pixels), repeats=max(3, 512 // batch))
             out["images"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
             log(f"raw image model, batch {batch}: {batch / seconds:,.0f}/s ({1000 * seconds:.1f} ms)")
-        for mode, pre in (("fast", fast), ("reference", reference)):
-            batch = max(batch_sizes)
-            seconds = timed(lambda: model.get_image_features(pixel_values=pre(jpegs[:batch]).pixel_values), repeats=3)
-            out["images"][f"{mode}_preprocessing_plus_model_per_s"] = batch / seconds
-            log(f"{mode} preprocessing + model in-process, batch {batch}: {batch / seconds:,.0f}/s")
+        batch = max(batch_sizes)
+        seconds = timed(lambda: model.get_image_features(pixel_values=reference(jpegs[:batch]).pixel_values), repeats=3)
+        out["images"]["reference_preprocessing_plus_model_per_s"] = batch / seconds
+        log(f"reference preprocessing + model in-process, batch {batch}: {batch / seconds:,.0f}/s")
         # The fast path against the reference path on the same photographs, the same model
         sample = jpegs[: max(batch_sizes)]
         a = torch.nn.functional.normalize(model.get_image_features(pixel_values=fast(sample).pixel_values).pooler_output.float(), dim=-1)
@@ -171,6 +171,40 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
             seconds = timed(lambda: model.get_text_features(**tokens), repeats=max(3, 512 // batch))
             out["texts"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
             log(f"raw text model, batch {batch}: {batch / seconds:,.0f}/s")
+    del model
+    return out
+
+
+def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chunks: list[int]) -> dict:
+    """The CLIP service's own encoding code (``ClipEncoder``), in-process: what it can do with no HTTP around it."""
+    import torch
+
+    from services.clip_encoder import ClipEncoder, EncoderOptions
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict = {}
+    embeddings = {}
+    variants = [("eager", EncoderOptions(cuda_graphs=False, largest_batch=max(batch_sizes), chunk=max(batch_sizes)))]
+    if device.type == "cuda":
+        variants += [(f"graphs, chunk {c}", EncoderOptions(largest_batch=max(batch_sizes), chunk=c)) for c in chunks]
+    for name, options in variants:
+        started = time.perf_counter()
+        encoder = ClipEncoder(path, device, options)
+        row: dict = {"startup_s": time.perf_counter() - started}
+        for batch in batch_sizes:
+            seconds = timed(lambda: encoder.encode_images(jpegs[:batch]), repeats=max(3, 64 // batch))
+            row[f"images_b{batch}_per_s"], row[f"images_b{batch}_ms"] = batch / seconds, 1000 * seconds
+        for batch in (1, 64):
+            seconds = timed(lambda: encoder.encode_texts(texts(batch)), repeats=10)
+            row[f"texts_b{batch}_per_s"], row[f"texts_b{batch}_ms"] = batch / seconds, 1000 * seconds
+        embeddings[name] = encoder.encode_images(jpegs[:64])
+        out[name] = row
+        log(f"service encoder in-process, {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in row.items()))
+        del encoder
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    reference = embeddings["eager"]
+    out["cosine_min_to_eager"] = {name: float((e * reference).sum(-1).min()) for name, e in embeddings.items()}
+    log(f"cosine to eager: {out['cosine_min_to_eager']}")
     return out
 
 
@@ -213,17 +247,28 @@ class Server:
             time.sleep(1)
         raise RuntimeError(f"server not ready:\n{self.log.read_text()[-4000:]}")
 
-    def batch_totals(self, kind: str) -> tuple[float, float, float]:
-        """(items, batches, seconds inside the encoder) of the CLIP service so far."""
+    def totals(self, kind: str) -> dict[str, float]:
+        """Counters of the CLIP service and of each service's HTTP requests, summed over workers."""
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
-        values = {"clip_batch_size_sum": 0.0, "clip_batch_size_count": 0.0, "clip_embedding_duration_seconds_sum": 0.0}
+        endpoint = {"image": "/encode_images", "text": "/encode_texts"}[kind]
+        wanted = {
+            ("clip_batch_size_sum", "kind", kind): "items",
+            ("clip_batch_size_count", "kind", kind): "batches",
+            ("clip_embedding_duration_seconds_sum", "kind", kind): "encoding_s",
+            ("bentoml_service_request_duration_seconds_sum", "endpoint", endpoint): "clip_request_s",
+            ("bentoml_service_request_duration_seconds_count", "endpoint", endpoint): "clip_requests",
+            ("bentoml_service_request_duration_seconds_sum", "endpoint", "/v1/embeddings"): "gateway_request_s",
+            ("bentoml_service_request_duration_seconds_count", "endpoint", "/v1/embeddings"): "gateway_requests",
+        }
+        values = dict.fromkeys(wanted.values(), 0.0)
         for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
             for sample in family.samples:
-                if sample.name in values and sample.labels.get("kind") == kind:
-                    values[sample.name] += sample.value
-        return tuple(values.values())  # type: ignore[return-value]
+                for (name, label, value), key in wanted.items():
+                    if sample.name == name and sample.labels.get(label) == value:
+                        values[key] += sample.value
+        return values
 
     def stop(self) -> None:
         self.process.terminate()
@@ -264,25 +309,34 @@ class GpuSampler:
 
 
 def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace) -> dict:
-    before = server.batch_totals(kind)
+    before = server.totals(kind)
     with GpuSampler() as gpu:
         result: LevelResult = run_level(
             f"{server.url}/v1/embeddings", bodies, concurrency, duration=args.duration, warmup=args.warmup, processes=args.client_processes
         )
-    items, batches, encoding = (a - b for a, b in zip(server.batch_totals(kind), before))
+    after = server.totals(kind)
+    delta = {key: after[key] - before[key] for key in after}
+
+    def mean_ms(seconds: str, count: str) -> float:
+        return 1000 * delta[seconds] / delta[count] if delta[count] else 0.0
+
     row = {
         "scenario": name,
         **result.as_dict(),
-        "mean_batch": items / batches if batches else 0.0,
+        "mean_batch": delta["items"] / delta["batches"] if delta["batches"] else 0.0,
         "gpu_util_percent": gpu.mean,
-        # How busy the CLIP service's encoder was: near 1, it is the wall; far below, something before it is.
-        "encoder_busy": encoding / (args.duration + args.warmup + 1.0),  # run_level starts its clients 1 s in
-        "encoder_ms_per_batch": 1000 * encoding / batches if batches else 0.0,
+        # How busy the CLIP service's encoder was: near 1 per worker, it is the wall; far below, something before it is.
+        "encoder_busy": delta["encoding_s"] / (args.duration + args.warmup + 1.0),  # run_level starts its clients 1 s in
+        "encoder_ms_per_batch": mean_ms("encoding_s", "batches"),
+        # Where a request's time goes: the entry service's whole request, the CLIP call inside it
+        # (its batcher's queue + the encoder), the encoder alone.
+        "gateway_request_ms": mean_ms("gateway_request_s", "gateway_requests"),
+        "clip_request_ms": mean_ms("clip_request_s", "clip_requests"),
     }
     gpu_text = f", GPU {gpu.mean:.0f}%" if gpu.mean is not None else ""
     log(f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-        f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, encoder busy {row['encoder_busy']:.0%})"
-        f"{gpu_text}, statuses {result.statuses}")  # fmt: skip
+        f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, encoder busy {row['encoder_busy']:.0%}), "
+        f"entry {row['gateway_request_ms']:.1f} ms > CLIP call {row['clip_request_ms']:.1f} ms{gpu_text}, statuses {result.statuses}")  # fmt: skip
     return row
 
 
@@ -339,10 +393,13 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
     parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
+    parser.add_argument("--encoder-chunks", type=int, nargs="+", default=[32, 64, 256], help="pipeline chunks to try in-process")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="serve with MULTIMODAL_CLIP_CUDA_GRAPHS=false")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["MULTIMODAL_CLIP_WORKERS"] = str(args.clip_workers)
+    os.environ["MULTIMODAL_CLIP_CUDA_GRAPHS"] = "false" if args.no_cuda_graphs else "true"
 
     home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
     write_model(home, args.shape)
@@ -351,6 +408,7 @@ def main() -> None:
     results: dict = {"shape": args.shape, "args": {k: str(v) for k, v in vars(args).items()}, "service": []}
     results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)  # its model is freed on return
     results["raw"]["device_cpu_count"] = os.cpu_count()
+    results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.encoder_chunks)
     results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)
 
     image_bodies = [embeddings_body([data_url(j)]) for j in jpegs]
@@ -361,10 +419,13 @@ def main() -> None:
     server = Server(home, args.shape, 3000, args.gateway_workers)
     try:
         server.wait_ready()
+        # Warm up at one client: BentoML's batcher holds a lone request for the mean queueing wait of
+        # its last batches, so the 1-client level is measured before any load, and again after it.
         log("server ready; warming up")
-        measure(server, "warm-up", "image", image_bodies, 64, args)
+        measure(server, "warm-up", "image", image_bodies, 1, args)
         for level in args.levels:
             results["service"].append(measure(server, "images", "image", image_bodies, level, args))
+        results["service"].append(measure(server, "images, 1 client after load", "image", image_bodies, 1, args))
         for level in args.text_levels:
             results["service"].append(measure(server, "single texts", "text", single_texts, level, args))
         results["service"].append(measure(server, "64 texts a request", "text", text_batches, 32, args))
@@ -408,7 +469,8 @@ def summarize(results: dict) -> None:
     on = next((r for r in images if r["concurrency"] == int(results["args"]["batching_off_at"])), best)
     off = next((r for r in rows if r["scenario"] == "images, batching off"), None)
     print(f"\n## CLIP {results['shape']} on {raw['device']}")
-    print(f"raw image model {raw_images:,.0f}/s; batch 1 {raw['images']['1']['model_ms']:.1f} ms")
+    smallest = min((k for k in raw['images'] if str(k).isdigit()), key=int)
+    print(f"raw image model {raw_images:,.0f}/s; batch {smallest} {raw['images'][smallest]['model_ms']:.1f} ms")
     print(f"images end to end / raw: {best['per_second'] / raw_images:.0%} ({best['per_second']:,.0f}/s at {best['concurrency']} clients)")
     if large:
         top = max(large, key=lambda r: r["per_second"])
@@ -421,6 +483,8 @@ def summarize(results: dict) -> None:
     batches = next(r for r in rows if r["scenario"] == "64 texts a request")
     print(f"64-text requests: {64 * batches['per_second']:,.0f} texts/s = {64 * batches['per_second'] / raw_texts:.0%} of raw ({raw_texts:,.0f}/s)")
     print(f"parity fast vs reference: {raw['parity']}")
+    for name, row in results.get("encoder", {}).items():
+        print(f"service encoder in-process, {name}: {row}")
 
 
 if __name__ == "__main__":
