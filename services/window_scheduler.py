@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 R = TypeVar("R")
@@ -111,7 +112,7 @@ class WindowScheduler:
                 continue
             self.in_flight += 1
             task = asyncio.ensure_future(call())
-            task.add_done_callback(lambda done, future=future: self._finished(done, future))
+            task.add_done_callback(partial(self._finished, future=future))
 
     def _finished(self, task: asyncio.Future[Any], future: asyncio.Future[Any]) -> None:
         self.in_flight -= 1

@@ -49,7 +49,9 @@ def test_windows_are_taken_from_requests_in_turn():
     # before the others had arrived; after it, each request gets one window per turn.
     assert model.order == ["long1", "long2", "short1", "other1", "long3", "short2", "long4", "long5", "long6"]
     # Each caller gets its own window's result, whatever the order they were decoded in.
-    assert results == [f"decoded {name}{i}" for name, count in [("long", 6), ("short", 2), ("other", 1)] for i in range(1, count + 1)]
+    assert results == [
+        f"decoded {name}{i}" for name, count in [("long", 6), ("short", 2), ("other", 1)] for i in range(1, count + 1)
+    ]
     assert scheduler.admitted == 0 and scheduler.in_flight == 0 and scheduler.waiting == 0
 
 
