@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     whisper_max_latency_ms: int = Field(
         60_000, ge=10, description="Latency budget of a Whisper batch; past it BentoML sheds load with 503."
     )
+    whisper_max_queued_windows: int = Field(
+        128,
+        ge=1,
+        description="Most 30-second windows (one per chunk of a recording) admitted at once per entry-service "
+        "worker, waiting or decoding; past it a transcription gets 429. Requests take turns, one window each.",
+    )
     whisper_temperature_fallback: bool = Field(
         False,
         description="At temperature 0, retry a window at rising temperatures when its text looks failed "

@@ -66,7 +66,7 @@ ERROR_MEANINGS = {
     404: "The model is not served here.",
     413: "The body, an image or the audio is too large.",
     415: "The upload is not audio in an accepted format.",
-    429: "Too many requests in flight; retry after Retry-After seconds.",
+    429: "Too many requests in flight, or too much audio waiting; retry after Retry-After seconds.",
     503: "A model service is overloaded or unreachable; retry after Retry-After seconds.",
     504: "A model service did not answer in time.",
 }

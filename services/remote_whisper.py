@@ -21,6 +21,7 @@ from whisper.tokenizer import Tokenizer
 
 from services import metrics
 from services.whisper import AlignJob, WhisperModelCard, WindowJob
+from services.window_scheduler import Ticket
 
 # The stand-in model has its device on the CPU (mels are made here); on a GPU host
 # transcribe would warn about that on every request.
@@ -30,28 +31,28 @@ class RemoteWhisper:
     """Enough of ``whisper.model.Whisper`` for ``whisper.transcribe``, decoding in the Whisper service.
 
     ``transcribe`` reads ``dims``, ``device``, ``is_multilingual`` and ``num_languages`` and
-    calls ``decode`` and ``detect_language``; those two send the window to the service's
-    batchable APIs and block this worker thread until the batch it joined is done. Word
-    timestamps call ``whisper.timing.find_alignment(model, ...)``, which needs the model's
-    cross-attention; it is routed to the service's ``align_words`` (see ``_find_alignment``).
+    calls ``decode`` and ``detect_language``; those two queue the window with the request's
+    ticket, which sends it to the service's batchable APIs in the request's turn, and block
+    this worker thread until the batch it joined is done. Word timestamps call
+    ``whisper.timing.find_alignment(model, ...)``, which needs the model's cross-attention;
+    it is routed to the service's ``align_words`` (see ``_find_alignment``), in turn too.
     """
 
-    def __init__(self, card: WhisperModelCard, client: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, card: WhisperModelCard, client: Any, ticket: Ticket, loop: asyncio.AbstractEventLoop) -> None:
         self.dims = ModelDimensions(**card.dims)
         self.is_multilingual, self.num_languages = card.multilingual, card.num_languages
         self.device = torch.device("cpu")  # where transcribe puts mels: they travel from here
-        self._client, self._loop = client, loop
-        self.cancelled = False
+        self._client, self._ticket, self._loop = client, ticket, loop
 
     def _call(self, method: str, argument: Any) -> Any:
-        if self.cancelled:  # the request is gone: stop its other chunks at their next window
-            raise asyncio.CancelledError
-        client = self._client
+        """Wait for this request's turn (``services.window_scheduler``), then for the batch the window joins."""
+        client, ticket = self._client, self._ticket
 
         async def call() -> Any:
             with metrics.queued("whisper"):
-                return await getattr(client, method)(argument)
+                return await ticket.run(lambda: getattr(client, method)(argument))
 
+        # Raises CancelledError once the request is over (the ticket closed): its other chunks stop.
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
 
     def decode(self, mel: torch.Tensor, options: DecodingOptions) -> DecodingResult | list[DecodingResult]:

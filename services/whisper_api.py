@@ -32,6 +32,15 @@ seeking: a cut in continuous speech with no pause can split a word; no context c
 cut (nor would it with conditioning off); segments end at cuts; and language detection
 looks at the first 30 s once for the whole recording, as ``transcribe`` does.
 
+Fair turns and a bounded queue (``services.window_scheduler``)
+--------------------------------------------------------------
+The Whisper service's batcher serves calls first come, first served, so a long recording's
+chunk windows, all sent at once, used to fill every batch ahead of a short clip sent a moment
+later. Windows therefore wait per request here, and go to the service one batch at a time,
+one window from each request in turn. A request is admitted with one window per chunk of its
+recording, before any is decoded; past ``MULTIMODAL_WHISPER_MAX_QUEUED_WINDOWS`` it gets 429
+with ``Retry-After``, and a recording with more chunks than the whole queue holds gets 413.
+
 Timestamps are clamped to the audio's duration and made non-decreasing: ``transcribe``
 can report times past the end of a short last window (the model sees 30 s of padded audio).
 Word timestamps come from openai-whisper's cross-attention alignment, run in the Whisper
@@ -77,6 +86,7 @@ from services.schemas import (
     TranscriptionWord,
 )
 from services.whisper import WhisperModelCard
+from services.window_scheduler import QueueFull, Ticket, TooManyWindows, WindowScheduler
 
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
 Task = Literal["transcribe", "translate"]
@@ -104,9 +114,14 @@ class WhisperAPI:
         self._client = whisper_service.to_async  # the dependency proxy; its sync methods would block the event loop
         self.settings = settings
         self.limits = AudioLimits(settings.max_audio_bytes, settings.max_audio_seconds, settings.ffmpeg_timeout_seconds)
-        # transcribe runs one thread per chunk in flight; they mostly wait for their batch.
-        # Twice the batch size lets a full batch form while the last one's threads finish.
-        self._pool = ThreadPoolExecutor(2 * settings.whisper_max_batch_size, thread_name_prefix="transcribe")
+        # Windows go to the Whisper service one batch at a time, taken from requests in turn:
+        # the service's own queue (first come, first served) then never holds a long
+        # recording's windows ahead of a short clip's.
+        self.scheduler = WindowScheduler(settings.whisper_max_batch_size, settings.whisper_max_queued_windows)
+        # transcribe is synchronous: one thread per chunk admitted, blocked on its window's turn.
+        # Admission bounds the chunks, so the pool never makes an admitted request wait; the
+        # scheduler, not the pool, decides who goes next (threads start only as needed).
+        self._pool = ThreadPoolExecutor(settings.whisper_max_queued_windows, thread_name_prefix="transcribe")
         self._card: ModelCard[WhisperModelCard] = ModelCard(self._client)
 
     async def card(self) -> WhisperModelCard:
@@ -153,7 +168,6 @@ class WhisperAPI:
     ) -> Transcript:
         card = await self.card()
         loop = asyncio.get_running_loop()
-        model = RemoteWhisper(card, self._client, loop)
         fallback = self.settings.whisper_temperature_fallback and temperature == 0
         options: dict[str, Any] = dict(
             task=task,
@@ -170,20 +184,31 @@ class WhisperAPI:
         def run(function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
             return loop.run_in_executor(self._pool, partial(function, *args))
 
-        try:
+        # Closing the ticket (on success, failure or a client gone) drops the request's
+        # waiting windows, and its chunks still running stop at their next window.
+        with self._admit(len(chunks)) as ticket:
+            model = RemoteWhisper(card, self._client, ticket, loop)
             if len(chunks) > 1 and language is None and card.multilingual:
                 options["language"] = await run(self._detect_language, model, audio.samples)
             transcribe = partial(whisper.transcribe, model, **options)
             results = await asyncio.gather(*(run(transcribe, audio.samples[a:b]) for a, b in chunks))
-        except BaseException:
-            model.cancelled = True
-            raise
         return Transcript(
             text="".join(result["text"] for result in results).strip(),
             language=results[0]["language"],
             duration=audio.duration,
             segments=stitch(chunks, results, audio.duration),
         )
+
+    def _admit(self, windows: int) -> Ticket:
+        """A place in the window queue for a recording of ``windows`` chunks, or 429 when it is full."""
+        try:
+            return self.scheduler.admit(windows)
+        except QueueFull:
+            message = "too much audio waiting to be transcribed; retry later"
+            raise APIError(429, message, code="queue_full") from None
+        except TooManyWindows:
+            message = f"audio needs {windows} windows, more than this server queues at once"
+            raise APIError(413, message, code="audio_too_long") from None
 
     @staticmethod
     def _detect_language(model: RemoteWhisper, samples: np.ndarray) -> str:

@@ -398,3 +398,85 @@ def test_models_readiness_and_metrics(server, speech):
     assert metric_value(text, "whisper_batch_size_count", kind="decode") >= 1
     assert metric_samples(text, "queue_depth", model="whisper") == [0.0]  # nothing waiting once answered
     assert metric_value(text, "whisper_requests_total", status="500") == 0
+
+
+# Fair turns across requests, and a bounded queue (services/window_scheduler.py)
+
+FAIR_QUEUE_WINDOWS = 11  # the 3-minute recording (7 chunks) and four short clips fit; two long ones do not
+
+
+@pytest.fixture(scope="module")
+def fair_server(serve_product):
+    # Small batches (BentoML's smallest is 2), so a long recording's windows fill several.
+    return serve_product(
+        MULTIMODAL_FAMILIES="whisper",
+        MULTIMODAL_MAX_AUDIO_SECONDS=str(MAX_SECONDS),
+        MULTIMODAL_REQUEST_TIMEOUT_SECONDS="600",
+        MULTIMODAL_WHISPER_MAX_BATCH_SIZE="2",
+        MULTIMODAL_WHISPER_MAX_QUEUED_WINDOWS=str(FAIR_QUEUE_WINDOWS),
+    )
+
+
+def whisper_queue_depth(server) -> float:
+    return sum(metric_samples(server.metrics(), "queue_depth", model="whisper"))
+
+
+def start_long_upload(pool: ThreadPoolExecutor, server, speech, finished: list[str]):
+    """The 3-minute recording in flight, returned once its chunks' windows are queued."""
+
+    def long() -> httpx.Response:
+        response = post_audio(server, "/transcribe", speech["long"].read_bytes(), language="en")
+        finished.append("long")
+        return response
+
+    upload = pool.submit(long)
+    while whisper_queue_depth(server) < 2:  # its chunks' windows, not just the upload, are waiting
+        assert not upload.done(), upload.result().text
+        time.sleep(0.1)
+    return upload
+
+
+def test_short_clips_finish_before_a_long_recording_sent_first(fair_server, speech, reference):
+    shorts = ["clip1", "clip3", "clip5", "clip7"]
+    expected = {name: reference(str(speech[name]), language="en")["text"].strip() for name in shorts}
+    finished: list[str] = []  # names in the order their responses came back
+
+    def short(name: str) -> httpx.Response:
+        response = post_audio(fair_server, "/transcribe", speech[name].read_bytes(), language="en")
+        finished.append(name)
+        return response
+
+    with ThreadPoolExecutor(max_workers=1 + len(shorts)) as pool:
+        long = start_long_upload(pool, fair_server, speech, finished)
+        short_responses = dict(zip(shorts, pool.map(short, shorts)))
+        long_response = long.result()
+
+    assert long_response.status_code == 200, long_response.text
+    assert long_response.json()["text"]
+    for name, response in short_responses.items():
+        assert response.status_code == 200, response.text
+        assert response.json()["text"] == expected[name]  # taking turns changes no transcript
+    # The long recording's windows were queued first; the short clips still finished first.
+    assert finished[-1] == "long", finished
+    assert sorted(finished[:-1]) == sorted(shorts)
+
+
+def test_past_the_queue_bound_a_transcription_gets_429_with_retry_after(fair_server, speech):
+    finished: list[str] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        long = start_long_upload(pool, fair_server, speech, finished)
+        # 7 windows admitted; 7 more would exceed the bound of 11.
+        refused = post_audio(fair_server, "/v1/audio/transcriptions", speech["long"].read_bytes(), model="whisper-1")
+        # A short clip still fits beside the long recording.
+        fits = post_audio(fair_server, "/v1/audio/transcriptions", speech["clip2"].read_bytes(), model="whisper-1")
+        long_response = long.result()
+
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert fits.status_code == 200, fits.text
+    assert long_response.status_code == 200, long_response.text
+    assert whisper_queue_depth(fair_server) == 0
+    text = fair_server.metrics()
+    assert metric_value(text, "whisper_requests_total", endpoint="/v1/audio/transcriptions", status="429") == 1
