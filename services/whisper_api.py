@@ -81,6 +81,7 @@ from services.whisper import WhisperModelCard
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
 Task = Literal["transcribe", "translate"]
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's default
+MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -154,6 +155,10 @@ class WhisperAPI:
         card = await self.card()
         loop = asyncio.get_running_loop()
         model = RemoteWhisper(card, self._client, loop)
+        # Sampling divides the logits by the temperature: one as small as 1e-309 is 0.0 in float32 and
+        # made every logit infinite (a 500, found by fuzzing). Below this it is greedy decoding anyway.
+        if temperature < MIN_SAMPLING_TEMPERATURE:
+            temperature = 0.0
         fallback = self.settings.whisper_temperature_fallback and temperature == 0
         options: dict[str, Any] = dict(
             task=task,
