@@ -22,6 +22,7 @@ from starlette.responses import Response
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services import metrics
+from services.auth import APIKeyMiddleware, document_bearer_auth
 from services.chat_schemas import ChatCompletionRequest
 from services.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
 from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
@@ -207,3 +208,8 @@ app.add_middleware(metrics.RequestMetricsMiddleware, families=ROUTE_FAMILIES)
 app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
 app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
 
+# Optional API keys (services/auth.py): on the whole BentoML app, so that /metrics and BentoML's own
+# routes are covered too, not only the FastAPI routes.
+if api_keys := settings.all_api_keys():
+    Gateway.add_asgi_middleware(APIKeyMiddleware, keys=api_keys, metrics_open=settings.metrics_open)
+    document_bearer_auth(app, APIKeyMiddleware.open_paths_for(settings.metrics_open))
