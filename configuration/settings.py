@@ -8,6 +8,7 @@ The README's settings table is generated from this class (``python -m configurat
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field
@@ -150,6 +151,26 @@ class Settings(BaseSettings):
     )
     image_fetch_timeout_seconds: float = Field(10.0, gt=0, description="Total time for fetching one image.")
     image_fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed, each hop checked again.")
+
+    # Access (services/auth.py): no keys, no authentication
+    api_keys: CommaList = Field(
+        default_factory=list,
+        repr=False,
+        description="API keys, comma separated; when any is set (here or in the keys file), every route but "
+        "`/livez`, `/readyz`, `/health`, `/ready` (and `/metrics`, see below) needs `Authorization: Bearer <key>`.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; adds to `MULTIMODAL_API_KEYS`."
+    )
+    metrics_open: bool = Field(True, description="Serve `/metrics` without an API key even when keys are set; `false`: a scrape needs a key too.")
+
+    def all_api_keys(self) -> list[str]:
+        """``api_keys`` and the keys file's lines; a missing file fails the start rather than leave the API open."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
 
     @property
     def effective_cache_backend(self) -> str:

@@ -99,6 +99,8 @@ def document_errors_truthfully(app: FastAPI) -> None:
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "form")]
     param = ".".join(location) or None
     return (f"{param}: {first['msg']}" if param else first["msg"]), param
@@ -112,7 +114,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(400, message, code="invalid_value", param=param)
+        code = "invalid_json" if exc.errors()[0].get("type") == "json_invalid" else "invalid_value"
+        return error_response(400, message, code=code, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

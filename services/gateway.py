@@ -22,6 +22,7 @@ from starlette.responses import Response
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services import metrics
+from services.auth import APIKeyMiddleware, document_bearer_auth
 from services.chat_schemas import ChatCompletionRequest
 from services.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
 from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
@@ -39,6 +40,8 @@ from services.schemas import (
     SearchRequest,
     SearchResponse,
     TranscribeResponse,
+    TranscriptionResponse,
+    TranscriptionVerboseResponse,
 )
 
 settings = get_settings()
@@ -60,6 +63,15 @@ document_errors_truthfully(app)
 # What every model route may answer besides 200.
 MODEL_ROUTE_ERRORS = error_responses(400, 404, 413, 429, 503, 504)
 AUDIO_ROUTE_ERRORS = error_responses(400, 404, 413, 415, 429, 503, 504)
+# The audio routes answer JSON or, by `response_format`, plain text, SRT or WebVTT.
+AUDIO_RESPONSES: dict[int | str, dict] = {
+    **AUDIO_ROUTE_ERRORS,
+    200: {
+        "model": TranscriptionResponse | TranscriptionVerboseResponse,
+        "description": "`json` and `verbose_json` as JSON; `text` and `srt` as text/plain; `vtt` as text/vtt.",
+        "content": {"text/plain": {"schema": {"type": "string"}}, "text/vtt": {"schema": {"type": "string"}}},
+    },
+}
 CHAT_RESPONSES: dict[int | str, dict] = {
     **MODEL_ROUTE_ERRORS,
     200: {
@@ -123,7 +135,7 @@ class Gateway:
 
     # Whisper (multipart uploads, as OpenAI's audio API takes them)
 
-    @app.post("/v1/audio/transcriptions", response_model=None, tags=["whisper"], responses=AUDIO_ROUTE_ERRORS)
+    @app.post("/v1/audio/transcriptions", response_model=None, tags=["whisper"], responses=AUDIO_RESPONSES)
     async def audio_transcriptions(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -140,7 +152,7 @@ class Gateway:
             "transcribe", file, model, language, prompt, response_format, temperature, timestamp_granularities
         )
 
-    @app.post("/v1/audio/translations", response_model=None, tags=["whisper"], responses=AUDIO_ROUTE_ERRORS)
+    @app.post("/v1/audio/translations", response_model=None, tags=["whisper"], responses=AUDIO_RESPONSES)
     async def audio_translations(
         self,
         file: Annotated[UploadFile, File(description="The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac.")],
@@ -195,3 +207,9 @@ ROUTE_FAMILIES = {route.path: route.tags[0] for route in app.routes if getattr(r
 app.add_middleware(metrics.RequestMetricsMiddleware, families=ROUTE_FAMILIES)
 app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
 app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+# Optional API keys (services/auth.py): on the whole BentoML app, so that /metrics and BentoML's own
+# routes are covered too, not only the FastAPI routes.
+if api_keys := settings.all_api_keys():
+    Gateway.add_asgi_middleware(APIKeyMiddleware, keys=api_keys, metrics_open=settings.metrics_open)
+    document_bearer_auth(app, APIKeyMiddleware.open_paths_for(settings.metrics_open))

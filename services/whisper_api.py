@@ -36,8 +36,8 @@ Fair turns and a bounded queue (``services.window_scheduler``)
 --------------------------------------------------------------
 The Whisper service's batcher serves calls first come, first served, so a long recording's
 chunk windows, all sent at once, used to fill every batch ahead of a short clip sent a moment
-later. Windows therefore wait per request here, and go to the service one batch at a time,
-one window from each request in turn. A request is admitted with one window per chunk of its
+later. Windows therefore wait per request here, and go to the service at most two batches at
+a time, one window from each request in turn. A request is admitted with one window per chunk of its
 recording, before any is decoded; past ``MULTIMODAL_WHISPER_MAX_QUEUED_WINDOWS`` it gets 429
 with ``Retry-After``, and a recording with more chunks than the whole queue holds gets 413.
 
@@ -91,6 +91,7 @@ from services.window_scheduler import QueueFull, Ticket, TooManyWindows, WindowS
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
 Task = Literal["transcribe", "translate"]
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's default
+MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -114,10 +115,10 @@ class WhisperAPI:
         self._client = whisper_service.to_async  # the dependency proxy; its sync methods would block the event loop
         self.settings = settings
         self.limits = AudioLimits(settings.max_audio_bytes, settings.max_audio_seconds, settings.ffmpeg_timeout_seconds)
-        # Windows go to the Whisper service one batch at a time, taken from requests in turn:
-        # the service's own queue (first come, first served) then never holds a long
-        # recording's windows ahead of a short clip's.
-        self.scheduler = WindowScheduler(settings.whisper_max_batch_size, settings.whisper_max_queued_windows)
+        # Windows go to the Whisper service at most two batches at a time (one decodes while the
+        # next forms), taken from requests in turn: the service's own queue (first come, first
+        # served) then never holds a long recording's windows ahead of a short clip's.
+        self.scheduler = WindowScheduler(2 * settings.whisper_max_batch_size, settings.whisper_max_queued_windows)
         # transcribe is synchronous: one thread per chunk admitted, blocked on its window's turn.
         # Admission bounds the chunks, so the pool never makes an admitted request wait; the
         # scheduler, not the pool, decides who goes next (threads start only as needed).
@@ -168,6 +169,10 @@ class WhisperAPI:
     ) -> Transcript:
         card = await self.card()
         loop = asyncio.get_running_loop()
+        # Sampling divides the logits by the temperature: one as small as 1e-309 is 0.0 in float32 and
+        # made every logit infinite (a 500, found by fuzzing). Below this it is greedy decoding anyway.
+        if temperature < MIN_SAMPLING_TEMPERATURE:
+            temperature = 0.0
         fallback = self.settings.whisper_temperature_fallback and temperature == 0
         options: dict[str, Any] = dict(
             task=task,

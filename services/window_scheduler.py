@@ -6,11 +6,12 @@ Whisper service's queue at once, and a 3-second clip sent a moment later waited 
 of them (and behind their re-seeks), finishing only when the long one did.
 
 Here every request's windows wait in that request's own queue at the gateway, and at most
-``max_in_flight`` windows (one batch) are out at the model service at once. Each time a slot
+``max_in_flight`` windows (two batches: one forms while the other decodes) are out at the
+model service at once. Each time a slot
 frees, the next window comes from the next request in turn (round robin over the requests
 that have a window waiting), so a short request waits for about one window per request
 ahead of it in the rotation, not for every window of a long one. The model service's own
-queue never holds more than a batch, so its order cannot undo this one.
+queue never holds more than those, so its order cannot undo this one.
 
 The bound: a request is admitted with the number of windows it brings (one per chunk of
 its recording) before any of them is decoded; past ``max_queued`` windows admitted and not

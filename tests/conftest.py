@@ -155,3 +155,21 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
     wait_until(lambda: redis.client().ping(), process, "redis-server", timeout=30)
     yield redis
     process.stop()
+
+
+# Caps small enough that the bad-input corpus reaches each limit with a small body, and a small
+# max_tokens so that every generation the fuzzer manages to make valid ends quickly on the CPU.
+HARDENED_LIMITS = {
+    "MULTIMODAL_MAX_REQUEST_BYTES": str(4 * 2**20),
+    "MULTIMODAL_MAX_IMAGE_BYTES": str(2**20),
+    "MULTIMODAL_MAX_AUDIO_BYTES": str(2 * 2**20),
+    "MULTIMODAL_MAX_AUDIO_SECONDS": "60",
+    "MULTIMODAL_LLAVA_MAX_TOKENS": "16",
+    "MULTIMODAL_LLAVA_MAX_MODEL_LEN": "512",
+}
+
+
+@pytest.fixture(scope="session")
+def hardened_product(serve_product: Callable[..., Server]) -> Server:
+    """Every family (real vLLM included) with ``HARDENED_LIMITS``: shared by the fuzz and corpus tests."""
+    return serve_product(**HARDENED_LIMITS)

@@ -129,3 +129,12 @@ class ReferenceClip:
     @cached_property
     def model_name(self) -> str:
         return bentoml.models.get("tiny-clip").tag.name
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16_000, subtype: str = "PCM_16") -> bytes:
+    """``samples`` as a WAV file (``subtype`` "FLOAT" keeps NaN and infinity as they are)."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
