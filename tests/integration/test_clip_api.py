@@ -231,10 +231,14 @@ def test_concurrent_requests_are_batched_without_changing_results(uncached_serve
             before, "clip_batch_size_bucket", kind=kind, le="1.0"
         )
         assert batches - singles > 0, f"no {kind} batch larger than 1 among {batches} batches"
-    # BentoML's own histogram agrees.
-    bento_batches = metric_samples(after, "bentoml_service_adaptive_batch_size_count", method_name="encode_texts")
-    bento_singles = metric_samples(after, "bentoml_service_adaptive_batch_size_bucket", method_name="encode_texts", le="1.0")
-    assert sum(bento_batches) > sum(bento_singles)
+    # Fewer calls reached BentoML's batcher than requests brought texts (each /search brings its
+    # "x" too): the entry service merges concurrent requests' items into one call while calls are
+    # out, and BentoML's histogram counts the calls it batched. (Whether BentoML then merges two
+    # calls depends on their timing with one entry-service worker, so that is not asserted.)
+    def text_calls(metrics_text: str) -> float:
+        return sum(metric_samples(metrics_text, "bentoml_service_adaptive_batch_size_count", method_name="encode_texts"))
+
+    assert 0 < text_calls(after) - text_calls(before) < len(texts) + len(images)
 
 
 # Embedding cache
