@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
-import zlib
 
 import pytest
 from fastapi import FastAPI
@@ -22,20 +20,7 @@ from services.chat_schemas import ChatCompletionRequest
 from services.errors import APIError, install_error_handlers
 from services.media import BombCheck, read_image
 from services.pixel_budget import PixelBudget
-from tests.helpers import data_url, image_chat, jpeg_bytes, photograph, png_bytes, random_image
-
-
-def palette_bomb(width: int, height: int) -> bytes:
-    """A one-colour palette PNG: a few KB declaring width x height pixels (as tests/integration/test_bad_inputs.py)."""
-    row = b"\x00" + bytes(width)
-    compressor = zlib.compressobj(9)
-    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", b"\xff\x00\x00") + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+from tests.helpers import data_url, image_chat, jpeg_bytes, palette_png, photograph, png_bytes, random_image
 
 
 # In flight
@@ -152,7 +137,7 @@ LIMITS = {"max_bytes": DEFAULTS.max_image_bytes, "max_pixels": DEFAULTS.max_imag
 
 
 def test_the_6324_square_palette_bomb_is_413_under_the_per_image_cap():
-    bomb = palette_bomb(6324, 6324)
+    bomb = palette_png(6324, 6324)
     assert 6324 * 6324 <= DEFAULTS.max_image_pixels and len(bomb) < 64_000
     with pytest.raises(APIError) as refused:
         read_image(data_url(bomb), param="image_data", **LIMITS)
@@ -223,5 +208,5 @@ def test_chat_is_429_while_the_process_budget_is_full_and_releases_after_an_erro
 
 def test_the_chat_palette_bomb_is_413():
     with pytest.raises(APIError) as refused:
-        asyncio.run(llava(PixelBudget(10**8, 10**8)).chat(chat_request(data_url(palette_bomb(6324, 6324)))))
+        asyncio.run(llava(PixelBudget(10**8, 10**8)).chat(chat_request(data_url(palette_png(6324, 6324)))))
     assert (refused.value.status, refused.value.code) == (413, "image_too_large")
