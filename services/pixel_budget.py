@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from services import metrics
 from services.errors import APIError
 
 
@@ -35,6 +36,7 @@ class PixelBudget:
     def check_request(self, pixels: int, *, param: str | None = None) -> None:
         """413 if one request's images add up to more than a request may ask for."""
         if pixels > self.max_request_pixels:
+            metrics.PIXEL_REFUSALS.labels("413").inc()
             raise APIError(
                 413,
                 f"the request's images add up to {_megapixels(pixels)} (width x height, summed); at most "
@@ -56,6 +58,7 @@ class PixelBudget:
         # Check and take with no await in between: one event loop per process, so no other
         # request can slip in.
         if self.in_flight + pixels > self.max_pixels_in_flight:
+            metrics.PIXEL_REFUSALS.labels("429").inc()
             raise APIError(
                 429,
                 f"this server is decoding {_megapixels(self.in_flight)} of images already (at most "
@@ -64,7 +67,9 @@ class PixelBudget:
                 param=param,
             )
         self.in_flight += pixels
+        metrics.PIXELS_IN_FLIGHT.inc(pixels)
         try:
             yield
         finally:
             self.in_flight -= pixels
+            metrics.PIXELS_IN_FLIGHT.dec(pixels)

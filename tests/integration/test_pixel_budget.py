@@ -100,7 +100,9 @@ def test_bombs_and_over_budget_requests_are_413_and_never_decoded(server):
     assert image_cache(server) == (hits + 1, misses)
     assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "healthy"
     assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 200
-    assert metric_value(server.metrics(), "clip_requests_total", status="500") == 0
+    metrics = server.metrics()
+    assert metric_value(metrics, "clip_requests_total", status="500") == 0
+    assert metric_value(metrics, "image_pixel_refusals_total", status="413") >= 3  # the over-budget requests
 
 
 def test_a_request_within_the_budget_is_served_and_its_pixels_released(server):
@@ -112,3 +114,4 @@ def test_a_request_within_the_budget_is_served_and_its_pixels_released(server):
         answer = embed(server, images)
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["data"]) == 4
+    assert metric_value(server.metrics(), "image_pixels_in_flight") == 0
