@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field
+from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "MULTIMODAL_"
@@ -105,7 +105,42 @@ class Settings(BaseSettings):
 
     # Input limits
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="Largest encoded image.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height, checked before decoding.")
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest width x height of one image, checked from its header before decoding; "
+        "40 MP takes every common full-resolution camera photo (24-36 MP).",
+    )
+    # A photograph compresses to at most ~40 pixels per byte (a flat JPEG ~70); a one-colour
+    # palette PNG reaches ~1,000 and a 1-bit one ~8,000: only a bomb (or a blank canvas) is that small.
+    max_image_pixels_per_byte: float = Field(
+        200.0,
+        gt=0,
+        description="Most declared pixels per encoded byte for an image larger than "
+        "`MULTIMODAL_IMAGE_RATIO_CHECK_MIN_PIXELS`: photographs stay under ~70, a decompression bomb "
+        "(a 40 MP palette PNG of 12-39 KB: 1,000-3,000) is far over; past it, 413.",
+    )
+    image_ratio_check_min_pixels: int = Field(
+        4_000_000,
+        ge=0,
+        description="Images of at most this many pixels skip the pixels-per-byte check: small flat images "
+        "(logos, diagrams, solid test images) compress well and cost little.",
+    )
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Most pixels (sum of width x height) over every image of one request (embeddings, search, "
+        "classify, chat), checked before decoding; past it, 413. Takes 4 full 24 MP photographs (a chat's "
+        "default image count) or 256 images of 640x480; bulk embedding of larger photos should downscale first "
+        "(CLIP sees 224x224).",
+    )
+    max_pixels_in_flight: int = Field(
+        200_000_000,
+        ge=1,
+        description="Most decoded pixels one entry-service worker has sent on to CLIP or vLLM and not yet had "
+        "answered (about 3 bytes each once decoded, several times that while resizing); a request that would "
+        "pass it gets 429 with Retry-After. Two maximal requests, or ~100 of 2 MP.",
+    )
     max_inputs_per_request: int = Field(256, ge=1, description="Most texts or images in one request.")
     max_text_chars: int = Field(4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens).")
     max_audio_bytes: int = Field(25 * 2**20, ge=1, description="Largest audio upload (OpenAI's 25 MB).")
@@ -163,6 +198,13 @@ class Settings(BaseSettings):
         None, description="A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; adds to `MULTIMODAL_API_KEYS`."
     )
     metrics_open: bool = Field(True, description="Serve `/metrics` without an API key even when keys are set; `false`: a scrape needs a key too.")
+
+    @model_validator(mode="after")
+    def _one_request_fits_in_flight(self) -> Settings:
+        # Otherwise a request under the per-request budget could never be admitted: 429 forever.
+        if self.max_request_pixels > self.max_pixels_in_flight:
+            raise ValueError("MULTIMODAL_MAX_REQUEST_PIXELS must not exceed MULTIMODAL_MAX_PIXELS_IN_FLIGHT")
+        return self
 
     def all_api_keys(self) -> list[str]:
         """``api_keys`` and the keys file's lines; a missing file fails the start rather than leave the API open."""

@@ -15,7 +15,8 @@ from configuration.settings import Settings
 from services import metrics
 from services.embeddings import ClipEmbedder
 from services.errors import APIError, check_model
-from services.media import EncodedImage, is_image_data_url, read_image
+from services.media import BombCheck, EncodedImage, is_image_data_url, read_image
+from services.pixel_budget import PixelBudget
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -35,8 +36,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ClipAPI:
-    def __init__(self, embedder: ClipEmbedder, settings: Settings) -> None:
-        self.embedder, self.settings = embedder, settings
+    def __init__(self, embedder: ClipEmbedder, settings: Settings, pixels: PixelBudget) -> None:
+        self.embedder, self.settings, self.pixels = embedder, settings, pixels
+        self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
 
     def _check_count(self, count: int, param: str) -> None:
         if count > self.settings.max_inputs_per_request:
@@ -55,14 +57,21 @@ class ClipAPI:
     def _read(self, value: str, param: str) -> EncodedImage:
         # Base64 and a header check only (tens of microseconds for a photo): pixels are decoded by
         # the CLIP service, so this stays on the event loop.
-        return read_image(value, param=param, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
+        return read_image(
+            value,
+            param=param,
+            max_bytes=self.settings.max_image_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            bomb_check=self.bomb_check,
+        )
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         self._check_texts(request.texts, "texts")
         image = self._read(request.image_data, "image_data")
-        image_vectors, (text_vectors, _) = await asyncio.gather(
-            self.embedder.embed_images([image], ["image_data"]), self.embedder.embed_texts(request.texts)
-        )
+        with self.pixels.admit(image.pixels, param="image_data"):
+            image_vectors, (text_vectors, _) = await asyncio.gather(
+                self.embedder.embed_images([image], ["image_data"]), self.embedder.embed_texts(request.texts)
+            )
         similarities = text_vectors @ image_vectors[0]
         for score in similarities:
             metrics.SIMILARITY.observe(float(score))
@@ -81,11 +90,12 @@ class ClipAPI:
         self._check_texts(request.labels, "labels")
         image = self._read(request.image_data, "image_data")
         prompts = [request.template.replace("{}", label) for label in request.labels]
-        card, image_vectors, (text_vectors, _) = await asyncio.gather(
-            self.embedder.card(),
-            self.embedder.embed_images([image], ["image_data"]),
-            self.embedder.embed_texts(prompts),
-        )
+        with self.pixels.admit(image.pixels, param="image_data"):
+            card, image_vectors, (text_vectors, _) = await asyncio.gather(
+                self.embedder.card(),
+                self.embedder.embed_images([image], ["image_data"]),
+                self.embedder.embed_texts(prompts),
+            )
         probabilities = _softmax(card.logit_scale * (text_vectors @ image_vectors[0]))
         ranked = sorted(zip(request.labels, probabilities.tolist()), key=lambda pair: -pair[1])
         return ClassifyResponse(
@@ -112,8 +122,11 @@ class ClipAPI:
 
         vectors = np.empty((len(inputs), card.embedding_dim), dtype=np.float32)
         tokens = 0
+        # Every image counts, cached or not: admission comes before the cache is asked (simple and
+        # conservative; a cached image costs no decoding, so this can only refuse early, never admit too much).
         if images:
-            vectors[image_at] = await self.embedder.embed_images(images, [f"input[{i}]" for i in image_at])
+            with self.pixels.admit(sum(image.pixels for image in images), param="input"):
+                vectors[image_at] = await self.embedder.embed_images(images, [f"input[{i}]" for i in image_at])
         if texts:
             vectors[text_at], counts = await self.embedder.embed_texts(texts)
             tokens = int(counts.sum())

@@ -64,9 +64,9 @@ def error_response(
 ERROR_MEANINGS = {
     400: "Invalid request: a field, an image or audio that does not decode, text that is not valid Unicode.",
     404: "The model is not served here.",
-    413: "The body, an image or the audio is too large.",
+    413: "The body, an image or the audio is too large, or a request's images add up to too many pixels.",
     415: "The upload is not audio in an accepted format.",
-    429: "Too many requests in flight, or too much audio waiting; retry after Retry-After seconds.",
+    429: "Too many requests, image pixels or audio in flight; retry after Retry-After seconds.",
     503: "A model service is overloaded or unreachable; retry after Retry-After seconds.",
     504: "A model service did not answer in time.",
 }

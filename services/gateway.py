@@ -26,6 +26,7 @@ from services.auth import APIKeyMiddleware, document_bearer_auth
 from services.chat_schemas import ChatCompletionRequest
 from services.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
 from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
+from services.pixel_budget import PixelBudget
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -95,11 +96,13 @@ class Gateway:
 
     def __init__(self) -> None:
         self.families: dict[str, Any] = {}  # family -> its route logic (ClipAPI, ...)
+        # One budget per worker process, shared by CLIP and chat images: both decode pixels.
+        pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
         if "clip" in settings.families:
             self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
-            self.families["clip"] = ClipAPI(self.embedder, settings)
+            self.families["clip"] = ClipAPI(self.embedder, settings, pixels)
         if "llava" in settings.families:
-            self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, LLaVA.url)
+            self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, LLaVA.url, pixels)
         if "whisper" in settings.families:
             self.families["whisper"] = WhisperAPI(self.whisper, settings)
 

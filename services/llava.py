@@ -70,6 +70,9 @@ class LLaVA:
             "--disable-uvicorn-access-log",
             "--disable-fastapi-docs",
         ]  # fmt: skip
+        # The gateway checks every image first; vLLM's own per-image cap (VLLM_MAX_IMAGE_PIXELS,
+        # 179 MP by default, no per-request sum) is lowered to ours in case anything else reaches it.
+        os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(settings.max_image_pixels))
         if _uses_gpu():
             command += ["--gpu-memory-utilization", str(settings.llava_gpu_memory_utilization)]
         else:

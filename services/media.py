@@ -3,7 +3,8 @@
 Everything a client sends is hostile until proven otherwise: base64 is decoded with
 validation, the byte size is capped, the format is restricted, and width x height is checked
 from the header *before* pixels are decoded (Pillow's own decompression-bomb check only warns
-below twice its limit).
+below twice its limit), as is the ratio of declared pixels to encoded bytes: a few kilobytes that
+declare tens of megapixels are a decompression bomb, not a photograph.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class EncodedImage:
 
     data: bytes
     sha256: str  # of the encoded bytes: the cache key's content part
+    pixels: int = 0  # width x height from the header: what decoding it will cost (services/pixel_budget.py)
+    mime: str = "application/octet-stream"  # from the content, never from what the client declared
 
 
 def is_data_url(value: str) -> bool:
@@ -62,13 +65,37 @@ def decode_base64(value: str, *, param: str, max_bytes: int) -> bytes:
     return data
 
 
-def checked_data_url(data: bytes, *, param: str, max_pixels: int) -> str:
-    """A ``data:`` URL of ``data`` once it has decoded as an accepted image, its MIME type from its content."""
-    image = _load(data, param=param, max_pixels=max_pixels)
-    return f"data:{Image.MIME[image.format]};base64,{base64.b64encode(data).decode()}"
+@dataclass(frozen=True)
+class BombCheck:
+    """Declared pixels per encoded byte past which an image is a decompression bomb (above a size floor)."""
+
+    max_pixels_per_byte: float
+    min_pixels: int  # images this small skip the check: flat logos compress well and cost little
+
+    def check(self, width: int, height: int, size: int, *, param: str) -> None:
+        pixels = width * height
+        if pixels > self.min_pixels and pixels > self.max_pixels_per_byte * size:
+            raise APIError(
+                413,
+                f"image declares {width}x{height} pixels in {size} bytes ({pixels / size:.0f} pixels per byte; "
+                f"photographs have under {self.max_pixels_per_byte:.0f}): refused as a decompression bomb",
+                code="image_too_large",
+                param=param,
+            )
 
 
-def _load(data: bytes, *, param: str, max_pixels: int, decode: bool = True) -> Image.Image:
+def verified_data_url(image: EncodedImage, *, param: str, max_pixels: int) -> str:
+    """A ``data:`` URL of an image whose header passed, once its pixels have decoded too.
+
+    CPU and memory (``image.pixels`` x 4 bytes): call it off the event loop and inside the request's
+    pixel reservation."""
+    _load(image.data, param=param, max_pixels=max_pixels)
+    return f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"
+
+
+def _load(
+    data: bytes, *, param: str, max_pixels: int, decode: bool = True, bomb_check: BombCheck | None = None
+) -> Image.Image:
     """Open ``data`` and check its header; decode its pixels too unless ``decode`` is false."""
     try:
         with warnings.catch_warnings():
@@ -79,6 +106,8 @@ def _load(data: bytes, *, param: str, max_pixels: int, decode: bool = True) -> I
                 raise APIError(
                     413, f"image is {width}x{height} pixels; at most {max_pixels} are accepted", code="image_too_large", param=param
                 )
+            if bomb_check is not None:
+                bomb_check.check(width, height, len(data), param=param)
             if decode:
                 image.load()
             return image
@@ -92,7 +121,17 @@ def _load(data: bytes, *, param: str, max_pixels: int, decode: bool = True) -> I
         raise APIError(400, f"image could not be decoded: {exc}", code="invalid_image", param=param) from None
 
 
-def read_image(value: str, *, param: str, max_bytes: int, max_pixels: int) -> EncodedImage:
+def check_image_bytes(data: bytes, *, param: str, max_pixels: int, bomb_check: BombCheck | None = None) -> EncodedImage:
+    """``data`` (already decoded from base64 or fetched), its format, size and pixels per byte checked
+    from the header alone."""
+    image = _load(data, param=param, max_pixels=max_pixels, decode=False, bomb_check=bomb_check)
+    width, height = image.size
+    return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest(), pixels=width * height, mime=Image.MIME[image.format])
+
+
+def read_image(
+    value: str, *, param: str, max_bytes: int, max_pixels: int, bomb_check: BombCheck | None = None
+) -> EncodedImage:
     """Base64 to the image's bytes, its format and size checked from the header alone.
 
     Decoding the pixels is the model service's work (on its GPU where it has one): here it would
@@ -100,5 +139,4 @@ def read_image(value: str, *, param: str, max_bytes: int, max_pixels: int) -> En
     header check and still fails to decode is reported by the model service per image.
     """
     data = decode_base64(value, param=param, max_bytes=max_bytes)
-    _load(data, param=param, max_pixels=max_pixels, decode=False)
-    return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest())
+    return check_image_bytes(data, param=param, max_pixels=max_pixels, bomb_check=bomb_check)

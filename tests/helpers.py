@@ -138,3 +138,25 @@ def wav_bytes(samples: np.ndarray, rate: int = 16_000, subtype: str = "PCM_16") 
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, rate, format="WAV", subtype=subtype)
     return buffer.getvalue()
+
+
+def palette_png(width: int, height: int, noisy_rows: int = 0, seed: int = 0) -> bytes:
+    """A palette PNG declaring width x height pixels: one colour (a decompression bomb of a few KB) or,
+    with ``noisy_rows`` rows of random palette indices, as large as the caller needs (each such row
+    ``width`` bytes that do not compress), so it passes the pixels-per-byte check."""
+    rng = np.random.default_rng(seed)
+    noisy = set(np.linspace(0, height - 1, noisy_rows, dtype=int).tolist()) if noisy_rows else set()
+    compressor = zlib.compressobj(9)
+    blank = b"\x00" + bytes(width)  # filter byte, then one palette index per pixel
+    parts = [
+        compressor.compress(b"\x00" + rng.integers(0, 4, width, dtype=np.uint8).tobytes() if y in noisy else blank)
+        for y in range(height)
+    ]
+    pixels = b"".join(parts) + compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
+    palette = b"\xff\x00\x00\x00\xff\x00\x00\x00\xff\xff\xff\xff"
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", palette) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")

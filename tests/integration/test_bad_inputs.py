@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import b64, image_chat, metric_value, png_bytes, png_header_only, random_image, wav_bytes
+from tests.helpers import b64, image_chat, metric_value, palette_png, png_bytes, png_header_only, random_image, wav_bytes
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 120
@@ -80,7 +80,10 @@ TIFF = _encoded(random_image(33, (8, 8)), "TIFF")
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
 OVER_IMAGE_CAP = b64(PNG + bytes(2**20))  # a valid PNG header, then more bytes than MAX_IMAGE_BYTES (1 MiB)
 BOMB_400MP = _palette_bomb(20_000, 20_000)
-BOMB_40MP = _palette_bomb(6324, 6324)  # 39,992,976 pixels: just under MAX_IMAGE_PIXELS
+BOMB_40MP = _palette_bomb(6324, 6324)  # 39,992,976 pixels: just under MAX_IMAGE_PIXELS, ~1,000 pixels per byte
+# Under every per-image check (~150 pixels per byte), over the 100 MP request budget together.
+BUDGET_IMAGES = [f"data:image/png;base64,{b64(palette_png(5000, 5000, 80, seed))}" for seed in range(5)]  # 125 MP
+BUDGET_CHAT = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(palette_png(5200, 5200, 90, seed))}"}} for seed in range(4)]}]  # 108 MP
 WAV = wav_bytes(np.random.default_rng(34).uniform(-0.1, 0.1, 16_000).astype(np.float32))
 SILENT_WAV = wav_bytes(np.zeros(0, dtype=np.float32))
 LONG_WAV = wav_bytes(np.zeros(8_000 * 61, dtype=np.float32), 8_000, "PCM_U8")  # 61 s: over MAX_AUDIO_SECONDS
@@ -164,6 +167,7 @@ CASES: dict[str, Case] = {
     "classify lone surrogate template": Case("/classify", 400, "invalid_value", json=classify(template="\ud800 {}")),
     "classify header claims 9000x9000": Case("/classify", 413, "image_too_large", json=classify(image_data=b64(png_header_only(9_000, 9_000)))),
     "classify base64 with a hole": Case("/classify", 400, "invalid_base64", json=classify(image_data=IMAGE[:8] + "=" + IMAGE[8:])),
+    "classify palette bomb 6324x6324": Case("/classify", 413, "image_too_large", json=classify(image_data=b64(BOMB_40MP))),
     "classify malformed json": Case("/classify", 400, "invalid_json", raw=b'{"image_data": "x", "labels": ["a"'),
     # /v1/embeddings
     "embeddings unknown model": Case("/v1/embeddings", 404, "model_not_found", json={"model": "text-embedding-3-small", "input": "a"}),
@@ -186,6 +190,8 @@ CASES: dict[str, Case] = {
     "embeddings image undecodable": Case("/v1/embeddings", 400, "invalid_image", json=embed(["data:image/png;base64,AAAA"])),
     "embeddings image tiff": Case("/v1/embeddings", 400, "invalid_image", json=embed([f"data:image/tiff;base64,{b64(TIFF)}"])),
     "embeddings image pixel bomb": Case("/v1/embeddings", 413, "image_too_large", json=embed([f"data:image/png;base64,{b64(BOMB_400MP)}"])),
+    "embeddings palette bomb 6324x6324": Case("/v1/embeddings", 413, "image_too_large", json=embed(["a cat", f"data:image/png;base64,{b64(BOMB_40MP)}"])),
+    "embeddings images over the request's pixel budget": Case("/v1/embeddings", 413, "too_many_pixels", json=embed(BUDGET_IMAGES)),
     "embeddings malformed json": Case("/v1/embeddings", 400, "invalid_json", raw=b'{"model": "tiny-clip", "input": "a",}'),
     # /v1/chat/completions (checked by the gateway; only the context length reaches vLLM)
     "chat unknown model": Case("/v1/chat/completions", 404, "model_not_found", json={**chat(), "model": "gpt-4o"}),
@@ -200,6 +206,8 @@ CASES: dict[str, Case] = {
     "chat image undecodable": Case("/v1/chat/completions", 400, "invalid_image", json=chat(image_chat("data:image/png;base64,AAAA"))),
     "chat image svg": Case("/v1/chat/completions", 400, "invalid_image", json=chat(image_chat(f"data:image/svg+xml;base64,{b64(SVG)}"))),
     "chat image pixel bomb": Case("/v1/chat/completions", 413, "image_too_large", json=chat(image_chat(f"data:image/png;base64,{b64(BOMB_400MP)}"))),
+    "chat palette bomb 6324x6324": Case("/v1/chat/completions", 413, "image_too_large", json=chat(image_chat(f"data:image/png;base64,{b64(BOMB_40MP)}"))),
+    "chat images over the request's pixel budget": Case("/v1/chat/completions", 413, "too_many_pixels", json=chat(BUDGET_CHAT)),
     "chat five images": Case("/v1/chat/completions", 400, "too_many_images", json=chat(image_chat(URL) * 5)),
     "chat max_tokens over the cap": Case("/v1/chat/completions", 400, "invalid_value", json=chat(max_tokens=17)),
     "chat max_tokens zero": Case("/v1/chat/completions", 400, "invalid_value", json=chat(max_tokens=0)),
@@ -246,7 +254,6 @@ CASES: dict[str, Case] = {
 }
 # Defects this corpus found that are not fixed here: strict, so a fix shows as a passing xfail.
 KNOWN_DEFECTS = {
-    "search palette bomb 6324x6324": "P5 defect 1: no pixel budget; a 39 KB PNG under the 40 MP cap decodes to 120 MB and is answered 200",
     "unknown route": "BentoML's outer router answers a path no service has with its own text/plain 404, not the error shape",
 }
 
