@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from urllib.parse import unquote, urlsplit
 
 import httpx
 from starlette.background import BackgroundTask
@@ -25,6 +24,7 @@ from services.chat_schemas import ChatCompletionRequest, ImagePart, TextPart
 from services.errors import APIError, check_model, error_response
 from services.fetch import ImageFetcher
 from services.media import checked_data_url, decode_base64, is_data_url
+from services.readiness import ServiceProbe, dependency_client
 
 # LLaVA-1.5's image placeholder: typed by a user it would claim image slots that no image
 # fills, so it is removed from text (the chat template inserts one per image part).
@@ -36,17 +36,6 @@ def without_placeholders(text: str) -> str:
     while IMAGE_PLACEHOLDER in text:
         text = text.replace(IMAGE_PLACEHOLDER, "")
     return text
-
-
-def _client_for(service_url: str | None, timeout_seconds: float) -> httpx.AsyncClient | None:
-    """An HTTP client to a dependency service: its Unix socket under `bentoml serve`, else its URL."""
-    if not service_url:
-        return None
-    timeout = httpx.Timeout(timeout_seconds, connect=5.0)
-    if service_url.startswith("file://"):
-        transport = httpx.AsyncHTTPTransport(uds=unquote(urlsplit(service_url).path))
-        return httpx.AsyncClient(transport=transport, base_url="http://llava", timeout=timeout)
-    return httpx.AsyncClient(base_url=service_url, timeout=timeout)
 
 
 def _engine_error(status: int, body: bytes) -> Response:
@@ -70,18 +59,17 @@ class LlavaAPI:
     def __init__(self, settings: Settings, model_id: str, service_url: str | None) -> None:
         self.settings, self.model_id = settings, model_id
         self.fetcher = ImageFetcher(settings)
-        self._client = _client_for(service_url, settings.request_timeout_seconds)
+        self._client = dependency_client(service_url, settings.request_timeout_seconds)
+        self._probe = ServiceProbe("LLaVA", service_url)
 
     async def model_ids(self) -> list[str]:
         return [self.model_id]
 
     async def ready(self) -> None:
         """Raises unless the LLaVA service reports its engine ready."""
-        if self._client is None:
+        if not self._probe.separate:  # chat needs vLLM's server: never ready in-process
             raise RuntimeError("LLaVA service not reachable")
-        response = await self._client.get("/readyz", timeout=4)
-        if response.status_code != 200:
-            raise RuntimeError(f"LLaVA engine not ready ({response.status_code})")
+        await self._probe.check()
 
     async def chat(self, request: ChatCompletionRequest) -> Response:
         body = await self._engine_request(request)

@@ -16,6 +16,7 @@ from services import metrics
 from services.embeddings import ClipEmbedder
 from services.errors import APIError, check_model
 from services.media import EncodedImage, is_image_data_url, read_image
+from services.readiness import ServiceProbe
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -35,8 +36,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ClipAPI:
-    def __init__(self, embedder: ClipEmbedder, settings: Settings) -> None:
+    def __init__(self, embedder: ClipEmbedder, settings: Settings, service_url: str | None = None) -> None:
         self.embedder, self.settings = embedder, settings
+        self._probe = ServiceProbe("CLIP", service_url)
 
     def _check_count(self, count: int, param: str) -> None:
         if count > self.settings.max_inputs_per_request:
@@ -131,6 +133,7 @@ class ClipAPI:
 
     async def ready(self) -> None:
         await self.embedder.card()
+        await self._probe.check()  # the card stays cached after the service is gone
 
     async def model_ids(self) -> list[str]:
         return [(await self.embedder.card()).model]
