@@ -24,7 +24,7 @@ from services.chat_schemas import ChatCompletionRequest, ImagePart, TextPart
 from services.errors import APIError, check_model, error_response
 from services.fetch import ImageFetcher
 from services.media import checked_data_url, decode_base64, is_data_url
-from services.readiness import ServiceProbe, dependency_client
+from services.readiness import ReadinessGate, ServiceProbe, dependency_client
 
 # LLaVA-1.5's image placeholder: typed by a user it would claim image slots that no image
 # fills, so it is removed from text (the chat template inserts one per image part).
@@ -61,6 +61,7 @@ class LlavaAPI:
         self.fetcher = ImageFetcher(settings)
         self._client = dependency_client(service_url, settings.request_timeout_seconds)
         self._probe = ServiceProbe("LLaVA", service_url)
+        self._gate = ReadinessGate(self._probe)
 
     async def model_ids(self) -> list[str]:
         return [self.model_id]
@@ -75,6 +76,7 @@ class LlavaAPI:
         body = await self._engine_request(request)
         if self._client is None:
             raise APIError(503, "the LLaVA service is not reachable in this mode; use `bentoml serve`", code="not_ready")
+        await self._gate.ensure_ready()  # 503 now rather than a wait for a restarting engine
         with metrics.queued("llava"):
             try:
                 response = await self._client.send(self._client.build_request("POST", "/v1/chat/completions", json=body), stream=True)

@@ -8,9 +8,13 @@ nothing answers, and a timeout is the only way to tell.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from urllib.parse import unquote, urlsplit
 
 import httpx
+
+from services.errors import APIError
 
 # Below the gateway's own budget for /ready (5 s), so one slow family cannot hide the others' answers.
 PROBE_TIMEOUT_SECONDS = 3.0
@@ -51,3 +55,32 @@ class ServiceProbe:
             raise RuntimeError(f"{self.name} service unreachable ({exc!r})") from None
         if response.status_code != 200:
             raise RuntimeError(f"{self.name} service not ready ({response.status_code})")
+
+
+class ReadinessGate:
+    """Answers 503 at once while a model service is not ready, instead of sending it the request.
+
+    For LLaVA: its worker exits when the engine dies and is respawned, and a request sent meanwhile
+    would wait in the socket's backlog until a new engine has started (a minute or more), not fail.
+    The probe's answer is kept ``ttl_seconds``, so a busy gateway asks at most once a second, and
+    requests arriving together share one probe (at most its 3 s timeout).
+    """
+
+    def __init__(self, probe: ServiceProbe, ttl_seconds: float = 1.0) -> None:
+        self._probe, self._ttl = probe, ttl_seconds
+        self._lock = asyncio.Lock()
+        self._checked_until = 0.0
+        self._failure: str | None = None
+
+    async def ensure_ready(self) -> None:
+        if time.monotonic() >= self._checked_until:
+            async with self._lock:
+                if time.monotonic() >= self._checked_until:
+                    try:
+                        await self._probe.check()
+                        self._failure = None
+                    except Exception as exc:
+                        self._failure = str(exc) or type(exc).__name__
+                    self._checked_until = time.monotonic() + self._ttl
+        if self._failure is not None:
+            raise APIError(503, f"{self._failure}; retry later", code="unavailable")
