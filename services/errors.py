@@ -34,8 +34,13 @@ class APIError(Exception):
 
 # A broken connection to a model service, as each client raises it: BentoML's dependency client is
 # aiohttp (a worker killed mid-call is ServerDisconnectedError or ClientOSError, neither of them a
-# ConnectionError); the LLaVA route's client is httpx.
-CONNECTION_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientConnectionError, httpx.TransportError, ConnectionError)
+# ConnectionError; one killed while answering leaves ClientPayloadError); the LLaVA route's client is httpx.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    httpx.TransportError,
+    ConnectionError,
+)
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -159,6 +164,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(httpx.TransportError)
     @app.exception_handler(aiohttp.ClientConnectionError)
+    @app.exception_handler(aiohttp.ClientPayloadError)
     @app.exception_handler(ConnectionError)
     async def _dependency_unreachable(_: Request, exc: Exception) -> JSONResponse:
         # A broken pipe or reset between services, or a model worker that died mid-call (already

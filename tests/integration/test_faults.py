@@ -261,15 +261,16 @@ def test_a_killed_model_worker_is_503_with_retry_after_then_recovers(server, ser
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
-    # 50 s of audio in two chunks, language detected first: several calls to the Whisper service
+    # 90 s of audio in three chunks, language detected first: several calls to the Whisper service
     # each, over seconds, so the requests are in flight (checked below) when the signal comes.
-    request = transcription_request(server.url, wav(50, seed=1), language=None)
+    request = transcription_request(server.url, wav(90, seed=1), language=None)
 
     async def scenario() -> tuple[list[httpx.Response | BaseException], Outcome, float]:
         async with httpx.AsyncClient(timeout=120) as client:
             in_flight = [asyncio.create_task(request(client, n)) for n in range(3)]
             await asyncio.sleep(1.5)  # sent and accepted
-            assert not any(task.done() for task in in_flight), "the requests finished before the signal"
+            done = [task.result().status_code for task in in_flight if task.done()]
+            assert not done, f"requests finished before the signal: {done}"
             signalled = time.monotonic()
             server.process.popen.send_signal(signal.SIGTERM)  # `bentoml serve` itself, as Kubernetes would
             await asyncio.sleep(1)

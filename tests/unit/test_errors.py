@@ -36,10 +36,11 @@ def app_raising(exc: Exception) -> TestClient:
         # BentoML's dependency client is aiohttp: what a model worker killed mid-call raises.
         (aiohttp.ServerDisconnectedError(), 503, "unavailable"),
         (aiohttp.ClientOSError(104, "Connection reset by peer"), 503, "unavailable"),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), 503, "unavailable"),
         (ServiceUnavailable("process is overloaded"), 503, "overloaded"),
         (APIError(429, "slow down", code="rate_limit_exceeded"), 429, "rate_limit_exceeded"),
     ],
-    ids=["write error", "protocol error", "broken pipe", "reset", "disconnected", "aiohttp reset", "batcher overloaded", "rate limited"],
+    ids=["write error", "protocol error", "broken pipe", "reset", "disconnected", "aiohttp reset", "cut answer", "batcher overloaded", "rate limited"],
 )
 def test_retryable_errors_carry_retry_after(exc, status, code):
     response = app_raising(exc).get("/")
