@@ -157,6 +157,7 @@ TINY_RESOURCES: dict[str, Resources] = {
     "whisper": Resources("500m", "2", "1Gi", "2Gi"),
 }
 PRODUCTION_REPLICAS = {"gateway": 3, "clip": 6, "llava": 3, "whisper": 3}
+GATEWAY_READINESS_PATH = "/ready?require=any"
 # Model load, worst case, in seconds: the startup probe allows 1.5 times this.
 MODEL_LOAD_SECONDS = {"gateway": 60, "clip": 180, "llava": 600, "whisper": 180}
 
@@ -174,10 +175,13 @@ def _probes(name: str) -> tuple[Probe, Probe, Probe]:
     startup_failures = math.ceil(1.5 * MODEL_LOAD_SECONDS[name] / 10)
     if name == "gateway":
         # The original design: liveness /health after 60 s every 30 s, readiness /ready after 30 s every 10 s.
+        # Readiness asks for any one family: a family that is down is down for every gateway pod alike
+        # (they share its model service), so taking them out of the Service would only stop the families
+        # that still work. The gateway answers the down family's routes with 503 and Retry-After.
         return (
             Probe("/health", period_seconds=10, timeout_seconds=5, failure_threshold=startup_failures),
             Probe("/health", period_seconds=30, timeout_seconds=5, failure_threshold=3, initial_delay_seconds=60),
-            Probe("/ready", period_seconds=10, timeout_seconds=6, failure_threshold=3, initial_delay_seconds=30),
+            Probe(GATEWAY_READINESS_PATH, period_seconds=10, timeout_seconds=6, failure_threshold=3, initial_delay_seconds=30),
         )
     return (
         Probe("/readyz", period_seconds=10, timeout_seconds=5, failure_threshold=startup_failures),

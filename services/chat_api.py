@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from urllib.parse import unquote, urlsplit
 
 import httpx
 from starlette.background import BackgroundTask
@@ -29,6 +28,7 @@ from services.errors import APIError, check_model, error_response
 from services.fetch import ImageFetcher
 from services.media import BombCheck, EncodedImage, check_image_bytes, decode_base64, is_data_url, verified_data_url
 from services.pixel_budget import PixelBudget
+from services.readiness import ReadinessGate, ServiceProbe, dependency_client
 
 # LLaVA-1.5's image placeholder: typed by a user it would claim image slots that no image
 # fills, so it is removed from text (the chat template inserts one per image part).
@@ -40,17 +40,6 @@ def without_placeholders(text: str) -> str:
     while IMAGE_PLACEHOLDER in text:
         text = text.replace(IMAGE_PLACEHOLDER, "")
     return text
-
-
-def _client_for(service_url: str | None, timeout_seconds: float) -> httpx.AsyncClient | None:
-    """An HTTP client to a dependency service: its Unix socket under `bentoml serve`, else its URL."""
-    if not service_url:
-        return None
-    timeout = httpx.Timeout(timeout_seconds, connect=5.0)
-    if service_url.startswith("file://"):
-        transport = httpx.AsyncHTTPTransport(uds=unquote(urlsplit(service_url).path))
-        return httpx.AsyncClient(transport=transport, base_url="http://llava", timeout=timeout)
-    return httpx.AsyncClient(base_url=service_url, timeout=timeout)
 
 
 def _engine_error(status: int, body: bytes) -> Response:
@@ -75,18 +64,18 @@ class LlavaAPI:
         self.settings, self.model_id, self.pixels = settings, model_id, pixels
         self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
         self.fetcher = ImageFetcher(settings)
-        self._client = _client_for(service_url, settings.request_timeout_seconds)
+        self._client = dependency_client(service_url, settings.request_timeout_seconds)
+        self._probe = ServiceProbe("LLaVA", service_url)
+        self._gate = ReadinessGate(self._probe)
 
     async def model_ids(self) -> list[str]:
         return [self.model_id]
 
     async def ready(self) -> None:
         """Raises unless the LLaVA service reports its engine ready."""
-        if self._client is None:
+        if not self._probe.separate:  # chat needs vLLM's server: never ready in-process
             raise RuntimeError("LLaVA service not reachable")
-        response = await self._client.get("/readyz", timeout=4)
-        if response.status_code != 200:
-            raise RuntimeError(f"LLaVA engine not ready ({response.status_code})")
+        await self._probe.check()
 
     async def chat(self, request: ChatCompletionRequest) -> Response:
         body, images = await self._engine_request(request)
@@ -98,6 +87,7 @@ class LlavaAPI:
             await self._verify_images(body, images)
             if self._client is None:
                 raise APIError(503, "the LLaVA service is not reachable in this mode; use `bentoml serve`", code="not_ready")
+            await self._gate.ensure_ready()  # 503 now rather than a wait for a restarting engine
             with metrics.queued("llava"):
                 try:
                     response = await self._client.send(self._client.build_request("POST", "/v1/chat/completions", json=body), stream=True)

@@ -17,6 +17,7 @@ from services.embeddings import ClipEmbedder
 from services.errors import APIError, check_model
 from services.media import BombCheck, EncodedImage, is_image_data_url, read_image
 from services.pixel_budget import PixelBudget
+from services.readiness import ServiceProbe
 from services.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -36,9 +37,10 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ClipAPI:
-    def __init__(self, embedder: ClipEmbedder, settings: Settings, pixels: PixelBudget) -> None:
+    def __init__(self, embedder: ClipEmbedder, settings: Settings, pixels: PixelBudget, service_url: str | None = None) -> None:
         self.embedder, self.settings, self.pixels = embedder, settings, pixels
         self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
+        self._probe = ServiceProbe("CLIP", service_url)
 
     def _check_count(self, count: int, param: str) -> None:
         if count > self.settings.max_inputs_per_request:
@@ -144,6 +146,7 @@ class ClipAPI:
 
     async def ready(self) -> None:
         await self.embedder.card()
+        await self._probe.check()  # the card stays cached after the service is gone
 
     async def model_ids(self) -> list[str]:
         return [(await self.embedder.card()).model]

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import numpy as np
 
 from configuration.settings import Settings
@@ -20,7 +19,7 @@ from services import metrics
 from services.cache import EmbeddingCache, Kind, ModelVersion
 from services.clip import ClipModelCard, split_text_rows
 from services.coalescing import Coalescer
-from services.errors import APIError
+from services.errors import CONNECTION_ERRORS, APIError, is_timeout
 from services.media import EncodedImage
 from services.model_card import ModelCard
 
@@ -34,8 +33,8 @@ def retry_once_on_connection_error(call: Callable[[list[Any]], Awaitable[np.ndar
     async def call_with_retry(items: list[Any]) -> np.ndarray:
         try:
             return await call(items)
-        except (httpx.TransportError, ConnectionError) as exc:
-            if isinstance(exc, httpx.TimeoutException):
+        except CONNECTION_ERRORS as exc:
+            if is_timeout(exc):
                 raise
             log.warning("CLIP call failed on its connection (%r); retrying once", exc)
             return await call(items)

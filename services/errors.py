@@ -6,11 +6,13 @@ official SDKs raise their matching exception classes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp
 import httpx
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
@@ -28,6 +30,22 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+
+
+# A broken connection to a model service, as each client raises it: BentoML's dependency client is
+# aiohttp (a worker killed mid-call is ServerDisconnectedError or ClientOSError, neither of them a
+# ConnectionError; one killed while answering leaves ClientPayloadError); the LLaVA route's client is httpx.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    httpx.TransportError,
+    ConnectionError,
+)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A connection error that is really a timeout: 504, and not worth a retry."""
+    return isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError | TimeoutError)
 
 
 def check_model(requested: str, served: tuple[str, ...]) -> None:
@@ -52,9 +70,16 @@ RETRY_AFTER_SECONDS = 1
 
 
 def error_response(
-    status: int, message: str, *, code: str | None = None, param: str | None = None, headers: Mapping[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+    """The one error shape; ``extra`` adds top-level keys beside ``error`` (never replaces it)."""
+    body: dict[str, Any] = {**(extra or {}), "error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
     headers = dict(headers or {})
     if status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
@@ -138,9 +163,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(504, "model service did not answer in time", code="timeout")
 
     @app.exception_handler(httpx.TransportError)
+    @app.exception_handler(aiohttp.ClientConnectionError)
+    @app.exception_handler(aiohttp.ClientPayloadError)
     @app.exception_handler(ConnectionError)
     async def _dependency_unreachable(_: Request, exc: Exception) -> JSONResponse:
-        # A broken pipe or reset between services (already retried once where that is safe).
+        # A broken pipe or reset between services, or a model worker that died mid-call (already
+        # retried once where that is safe).
+        if is_timeout(exc):
+            return await _dependency_timeout(_, exc)
         log.warning("model service connection failed: %r", exc)
         return error_response(503, "model service unavailable; retry later", code="unavailable")
 

@@ -13,13 +13,14 @@ those tags.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+import logging
+from typing import Annotated, Any, Literal
 
 import bentoml
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import FastAPI, File, Form, Query, UploadFile
 from starlette.responses import Response
 
-from configuration.profiles import model_spec
+from configuration.profiles import Family, model_spec
 from configuration.settings import get_settings
 from services import metrics
 from services.auth import APIKeyMiddleware, document_bearer_auth
@@ -36,6 +37,7 @@ from services.schemas import (
     HealthResponse,
     ModelList,
     ModelObject,
+    NotReadyResponse,
     ReadyResponse,
     ResponseFormat,
     SearchRequest,
@@ -45,7 +47,10 @@ from services.schemas import (
     TranscriptionVerboseResponse,
 )
 
+log = logging.getLogger(__name__)
 settings = get_settings()
+# Families are asked at once, each within this: one hung service cannot hold the probe past a kubelet's timeout.
+READY_TIMEOUT_SECONDS = 5.0
 if "clip" in settings.families:
     from services.cache import build_cache
     from services.clip import CLIP
@@ -100,11 +105,11 @@ class Gateway:
         pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
         if "clip" in settings.families:
             self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
-            self.families["clip"] = ClipAPI(self.embedder, settings, pixels)
+            self.families["clip"] = ClipAPI(self.embedder, settings, pixels, CLIP.url)
         if "llava" in settings.families:
             self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, LLaVA.url, pixels)
         if "whisper" in settings.families:
-            self.families["whisper"] = WhisperAPI(self.whisper, settings)
+            self.families["whisper"] = WhisperAPI(self.whisper, settings, Whisper.url)
 
     def _family(self, name: str) -> Any:
         api = self.families.get(name)
@@ -194,14 +199,41 @@ class Gateway:
         card = self.embedder.known_card if "clip" in self.families else None
         return HealthResponse(device=card.device if card else settings.device)
 
-    @app.get("/ready", response_model=ReadyResponse, responses=error_responses(503))
-    async def ready(self):
-        """Readiness: every enabled model service answers."""
+    @app.get(
+        "/ready",
+        response_model=ReadyResponse,
+        responses={
+            **error_responses(400, 404),
+            503: {"model": NotReadyResponse, "description": "Not ready: the families asked about, each true or false."},
+        },
+    )
+    async def ready(
+        self,
+        family: Annotated[
+            list[Family] | None,
+            Query(description="Families to ask about (repeat the parameter for several); every served family when unset."),
+        ] = None,
+        require: Annotated[
+            Literal["all", "any"], Query(description="`all`: ready when every family asked about is; `any`: when one is.")
+        ] = "all",
+    ) -> ReadyResponse | Response:
+        """Readiness per family: each family's model service answers ready; 200 or 503 by `require`."""
+        names = list(dict.fromkeys(family or self.families))
+        for name in names:
+            self._family(name)  # 404 for a family this deployment does not serve
+        states = dict(zip(names, await asyncio.gather(*(self._family_ready(name) for name in names)), strict=True))
+        if all(states.values()) if require == "all" else any(states.values()):
+            return ReadyResponse(families=states)
+        down = ", ".join(name for name, up in states.items() if not up)
+        return error_response(503, f"not ready: {down}", code="not_ready", extra={"families": states})
+
+    async def _family_ready(self, name: str) -> bool:
         try:
-            await asyncio.wait_for(asyncio.gather(*(api.ready() for api in self.families.values())), timeout=5)
-        except Exception as exc:
-            return error_response(503, f"not ready: {exc or type(exc).__name__}", code="not_ready")
-        return ReadyResponse()
+            await asyncio.wait_for(self.families[name].ready(), timeout=READY_TIMEOUT_SECONDS)
+        except Exception as exc:  # any failure, a timeout included, means not ready
+            log.info("%s not ready: %r", name, exc)
+            return False
+        return True
 
 
 # Request metrics by family, read from the routes' tags (added here, after the routes exist;

@@ -8,8 +8,11 @@ than vLLM's async engine inside this process:
   why BentoML's own vLLM examples moved to this design.
 - Continuous batching, the OpenAI protocol (streaming, ``n``, ``seed``, ``stop``, usage),
   LLaVA's chat template and the engine's metrics come exactly as vLLM ships them.
-- An engine crash cannot take a BentoML worker down with it: ``__is_alive__`` and
-  ``__is_ready__`` report it, so Kubernetes restarts the pod and the gateway answers 503.
+- An engine crash cannot leave a BentoML worker serving nothing: ``__is_alive__`` and
+  ``__is_ready__`` report it at once (the gateway answers 503 and reports LLaVA not ready), and
+  the worker then exits, so that it is started again with a new engine: by ``bentoml serve``
+  (its process supervisor respawns dead workers outside containers), or by Kubernetes, whose
+  liveness probe finds the worker gone (BentoML turns respawning off inside containers).
 
 vLLM listens on loopback only. BentoML proxies every route it does not own itself
 (``/v1/chat/completions``, ``/v1/models``, ``/health``) to it, and the entry service reaches
@@ -20,10 +23,12 @@ receives ``data:`` URLs. vLLM inherits BentoML's ``PROMETHEUS_MULTIPROC_DIR``, s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
 
 import bentoml
@@ -97,10 +102,26 @@ class LLaVA:
     async def __is_alive__(self) -> bool:
         return self._engine_running()
 
+    @bentoml.on_startup
+    async def watch_engine(self) -> None:
+        # A task of its own: startup hooks run before BentoML's proxy starts the engine.
+        self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_engine_dies())
+
+    async def _exit_when_engine_dies(self) -> None:
+        while (process := LLaVA.context.state.get("proc")) is None:
+            await asyncio.sleep(1)
+        code = await process.wait()
+        if code == -signal.SIGTERM:  # BentoML's proxy stopping it at shutdown (or an operator's orderly stop)
+            return
+        log.error("the vLLM engine exited with %s; ending this worker so that it starts again with a new engine", code)
+        logging.shutdown()
+        os._exit(ENGINE_DIED_EXIT_CODE)  # not sys.exit: uvicorn would wait to drain requests that cannot finish
+
     async def __is_ready__(self) -> bool:
         return await self._engine_healthy()
 
 
+ENGINE_DIED_EXIT_CODE = 3
 PR_SET_PDEATHSIG = 1
 
 if __name__ == "__main__":

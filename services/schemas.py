@@ -141,6 +141,13 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
+    families: dict[str, bool] = Field(description="Each family asked about: whether its model service answers ready.")
+
+
+class NotReadyResponse(ErrorResponse):
+    """/ready's 503: the one error shape, and which families are down."""
+
+    families: dict[str, bool] = Field(description="Each family asked about: whether its model service answers ready.")
 
 
 # Model listing (OpenAI's /v1/models)

@@ -74,6 +74,7 @@ from services.audio import AudioLimits, DecodedAudio, decode_audio
 from services.errors import APIError, check_model
 from services.long_audio import plan_chunks, stitch
 from services.model_card import ModelCard
+from services.readiness import ServiceProbe
 from services.remote_whisper import RemoteWhisper
 from services.schemas import (
     AudioUsage,
@@ -111,7 +112,7 @@ def _subtitles(writer: type[WriteSRT] | type[WriteVTT], segments: list[dict[str,
 
 
 class WhisperAPI:
-    def __init__(self, whisper_service: Any, settings: Settings) -> None:
+    def __init__(self, whisper_service: Any, settings: Settings, service_url: str | None = None) -> None:
         self._client = whisper_service.to_async  # the dependency proxy; its sync methods would block the event loop
         self.settings = settings
         self.limits = AudioLimits(settings.max_audio_bytes, settings.max_audio_seconds, settings.ffmpeg_timeout_seconds)
@@ -124,12 +125,14 @@ class WhisperAPI:
         # scheduler, not the pool, decides who goes next (threads start only as needed).
         self._pool = ThreadPoolExecutor(settings.whisper_max_queued_windows, thread_name_prefix="transcribe")
         self._card: ModelCard[WhisperModelCard] = ModelCard(self._client)
+        self._probe = ServiceProbe("Whisper", service_url)
 
     async def card(self) -> WhisperModelCard:
         return await self._card.get()
 
     async def ready(self) -> None:
         await self.card()
+        await self._probe.check()  # the card stays cached after the service is gone
 
     async def model_ids(self) -> list[str]:
         return [(await self.card()).model]

@@ -100,28 +100,33 @@ def model_store() -> Path:
     return Path(bentoml.models.get("tiny-clip").path).parents[1]
 
 
+def launch_product(home: Path, model_store: Path, **env_overrides: str) -> Server:
+    """``bentoml serve services.gateway:Gateway`` with its own BENTOML_HOME, waited for until ``/ready``."""
+    (home / "models").symlink_to(model_store, target_is_directory=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        # Servers may run side by side: each vLLM gets its own loopback port.
+        "MULTIMODAL_LLAVA_ENGINE_PORT": str(free_port()),
+        **env_overrides,
+    }
+    cmd = [str(BIN / "bentoml"), "serve", "services.gateway:Gateway", "--port", str(port), "--host", "127.0.0.1"]
+    process = start(cmd, home / "serve.log", env)
+    server = Server(f"http://127.0.0.1:{port}", process, env)
+    wait_until(lambda: httpx.get(f"{server.url}/ready", timeout=5).status_code == 200, process, "bentoml serve")
+    return server
+
+
 @pytest.fixture(scope="session")
 def serve_product(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[Callable[..., Server]]:
     """Start ``bentoml serve services.gateway:Gateway`` with extra environment; stopped at session end."""
     servers: list[Server] = []
 
     def serve(**env_overrides: str) -> Server:
-        home = tmp_path_factory.mktemp("bentoml-home")
-        (home / "models").symlink_to(model_store, target_is_directory=True)
-        port = free_port()
-        env = {
-            **os.environ,
-            "BENTOML_HOME": str(home),
-            "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
-            "BENTOML_DO_NOT_TRACK": "true",
-            # Servers may run side by side: each vLLM gets its own loopback port.
-            "MULTIMODAL_LLAVA_ENGINE_PORT": str(free_port()),
-            **env_overrides,
-        }
-        cmd = [str(BIN / "bentoml"), "serve", "services.gateway:Gateway", "--port", str(port), "--host", "127.0.0.1"]
-        process = start(cmd, home / "serve.log", env)
-        server = Server(f"http://127.0.0.1:{port}", process, env)
-        wait_until(lambda: httpx.get(f"{server.url}/ready", timeout=5).status_code == 200, process, "bentoml serve")
+        server = launch_product(tmp_path_factory.mktemp("bentoml-home"), model_store, **env_overrides)
         servers.append(server)
         return server
 

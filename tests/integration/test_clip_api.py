@@ -367,7 +367,7 @@ def test_server_still_answers_after_bad_input(server, reference):
 
 def test_health_and_readiness_routes(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "healthy", "device": "cpu"}
-    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    assert httpx.get(f"{server.url}/ready", timeout=10).json() == {"status": "ready", "families": {"clip": True}}
     assert httpx.get(f"{server.url}/livez").status_code == 200
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     models = httpx.get(f"{server.url}/v1/models").json()

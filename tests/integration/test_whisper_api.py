@@ -386,7 +386,7 @@ def test_openai_sdk_raises_its_own_errors(client):
 
 
 def test_models_readiness_and_metrics(server, speech):
-    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    assert httpx.get(f"{server.url}/ready", timeout=10).json() == {"status": "ready", "families": {"whisper": True}}
     assert "tiny-whisper" in [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
     response = post_audio(server, "/v1/audio/transcriptions", speech["clip7"].read_bytes(), model="whisper-1")
     assert response.status_code == 200, response.text
