@@ -120,9 +120,12 @@ def launch_product(home: Path, model_store: Path, **env_overrides: str) -> Serve
     return server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_product(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``bentoml serve services.gateway:Gateway`` with extra environment; stopped at session end."""
+    """Start ``bentoml serve services.gateway:Gateway`` with extra environment.
+
+    Its servers stop when the test module ends: a CI machine (2 cores, 24 GB) cannot hold every
+    module's servers at once (each vLLM engine alone takes about 2 GB)."""
     servers: list[Server] = []
 
     def serve(**env_overrides: str) -> Server:
@@ -175,6 +178,8 @@ HARDENED_LIMITS = {
 
 
 @pytest.fixture(scope="session")
-def hardened_product(serve_product: Callable[..., Server]) -> Server:
+def hardened_product(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[Server]:
     """Every family (real vLLM included) with ``HARDENED_LIMITS``: shared by the fuzz and corpus tests."""
-    return serve_product(**HARDENED_LIMITS)
+    server = launch_product(tmp_path_factory.mktemp("bentoml-home"), model_store, **HARDENED_LIMITS)
+    yield server
+    server.process.stop()
