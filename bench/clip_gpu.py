@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -171,8 +172,41 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
             seconds = timed(lambda: model.get_text_features(**tokens), repeats=max(3, 512 // batch))
             out["texts"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
             log(f"raw text model, batch {batch}: {batch / seconds:,.0f}/s")
-    del model
     return out
+
+
+def sync_points(path: Path, jpegs: list[bytes]) -> list[str]:
+    """Where preparing a chunk of images makes the CPU wait for the GPU (torch's sync debug mode)."""
+    import traceback
+    import warnings
+
+    import torch
+    from transformers import CLIPProcessor
+
+    from services.clip_pixels import PixelPreprocessor
+
+    if not torch.cuda.is_available():
+        return []
+    processor = CLIPProcessor.from_pretrained(path)
+    pixels = PixelPreprocessor(processor.image_processor, torch.device("cuda"), torch.float16, "fast", decode_threads=4)
+    pixels(jpegs[:32])
+    found: set[str] = set()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-1]][-4:]
+        found.add(f"{message} at {' < '.join(reversed(stack))}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pixels(jpegs[:32])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for point in sorted(found):
+        log(f"sync while preparing images: {point}")
+    return sorted(found)
 
 
 def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chunks: list[int]) -> dict:
@@ -200,7 +234,6 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
         embeddings[name] = encoder.encode_images(jpegs[:64])
         out[name] = row
         log(f"service encoder in-process, {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in row.items()))
-        del encoder
         torch.cuda.empty_cache() if device.type == "cuda" else None
     reference = embeddings["eager"]
     out["cosine_min_to_eager"] = {name: float((e * reference).sum(-1).min()) for name, e in embeddings.items()}
@@ -270,6 +303,18 @@ class Server:
                         values[key] += sample.value
         return values
 
+    def processes(self) -> dict[str, list]:
+        """The server's processes by role: the CLIP service's workers, the rest (entry service, supervisor)."""
+        import psutil
+
+        roles: dict[str, list] = {"clip": [], "entry": []}
+        for child in psutil.Process(self.process.pid).children(recursive=True) + [psutil.Process(self.process.pid)]:
+            try:
+                roles["clip" if "--service-name CLIP" in " ".join(child.cmdline()) else "entry"].append(child)
+            except psutil.Error:
+                pass
+        return roles
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -308,9 +353,72 @@ class GpuSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
+class CpuByRole:
+    """Cores used by each role while a level runs: the CLIP service, the entry service, and the
+    rest of the machine (the load generator, mostly). A role near its process count is the wall."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    @staticmethod
+    def _seconds(processes: list) -> float:
+        import psutil
+
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    def __enter__(self) -> CpuByRole:
+        import psutil
+
+        self.roles = self.server.processes()
+        self.started = time.perf_counter()
+        self.before = {role: self._seconds(processes) for role, processes in self.roles.items()}
+        self.machine_before = psutil.cpu_times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        wall = time.perf_counter() - self.started
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - machine.iowait - (sum(self.machine_before) - self.machine_before.idle - self.machine_before.iowait)
+        self.cores = {role: (self._seconds(processes) - self.before[role]) / wall for role, processes in self.roles.items()}
+        self.cores["rest"] = busy / wall - sum(self.cores.values())
+        self.cores["processes"] = {role: len(processes) for role, processes in self.roles.items()}
+
+
+def profile(server: Server, args: argparse.Namespace, label: str) -> None:
+    """py-spy on the first entry-service worker and the first CLIP worker for 5 s of the level."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.prefix) / "bin" / "py-spy")
+    for path in map(Path, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+        if (path / "bin" / "py-spy").exists():
+            py_spy = str(path / "bin" / "py-spy")
+    roles = server.processes()
+    workers = {
+        "clip": roles["clip"],
+        "entry": [p for p in roles["entry"] if "--service-name Gateway" in " ".join(p.cmdline())],
+    }
+    for role, processes in workers.items():
+        if not processes:
+            continue
+        out = args.out / f"pyspy-{label}-{role}.txt"
+        command = [py_spy, "record", "--pid", str(processes[0].pid), "--duration", "5", "--rate", "200", "--nonblocking",
+                   "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=(args.out / f"pyspy-{label}-{role}.log").open("wb"))
+
+
 def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace) -> dict:
     before = server.totals(kind)
-    with GpuSampler() as gpu:
+    if concurrency == args.profile_at and name in ("images", "single texts"):
+        label = f"{name.replace(' ', '-')}-{concurrency}"
+        threading.Timer(args.warmup + 2.0, profile, (server, args, label)).start()
+    with GpuSampler() as gpu, CpuByRole(server) as cpu:
         result: LevelResult = run_level(
             f"{server.url}/v1/embeddings", bodies, concurrency, duration=args.duration, warmup=args.warmup, processes=args.client_processes
         )
@@ -332,11 +440,14 @@ def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurren
         # (its batcher's queue + the encoder), the encoder alone.
         "gateway_request_ms": mean_ms("gateway_request_s", "gateway_requests"),
         "clip_request_ms": mean_ms("clip_request_s", "clip_requests"),
+        "cores": cpu.cores,
     }
     gpu_text = f", GPU {gpu.mean:.0f}%" if gpu.mean is not None else ""
     log(f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
         f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, encoder busy {row['encoder_busy']:.0%}), "
         f"entry {row['gateway_request_ms']:.1f} ms > CLIP call {row['clip_request_ms']:.1f} ms{gpu_text}, statuses {result.statuses}")  # fmt: skip
+    log("  cores: " + ", ".join(f"{role} {value:.1f}" for role, value in cpu.cores.items() if role != "processes")
+        + f" (processes {cpu.cores['processes']})")  # fmt: skip
     return row
 
 
@@ -393,7 +504,8 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
     parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
-    parser.add_argument("--encoder-chunks", type=int, nargs="+", default=[32, 64, 256], help="pipeline chunks to try in-process")
+    parser.add_argument("--encoder-chunks", type=int, nargs="+", default=[16, 32, 64], help="pipeline chunks to try in-process")
+    parser.add_argument("--profile-at", type=int, default=0, help="py-spy the workers at this concurrency (0: never)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="serve with MULTIMODAL_CLIP_CUDA_GRAPHS=false")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
@@ -408,6 +520,7 @@ def main() -> None:
     results: dict = {"shape": args.shape, "args": {k: str(v) for k, v in vars(args).items()}, "service": []}
     results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)  # its model is freed on return
     results["raw"]["device_cpu_count"] = os.cpu_count()
+    results["sync_points"] = sync_points(model_path(home), jpegs)
     results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.encoder_chunks)
     results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)
 

@@ -5,14 +5,18 @@ code in-process (bench/clip_gpu.py), and so that the service module stays about 
 
 On a GPU:
 - the towers run as CUDA graphs (``services.clip_graphs``), so a batch costs one launch;
-- images go through in chunks, and nothing waits for the GPU until the last chunk is queued: while
-  the model runs on chunk k, this thread decodes and resizes chunk k+1 (nvJPEG decodes on its own
-  stream, on the GPU's JPEG engines where it can).
+- images go through in chunks, prepared (decoded, resized, normalised) by a thread of their own
+  on a CUDA stream of their own: while the model runs on chunk k, chunk k+1 is prepared. The
+  stream keeps the two apart: the preparation's own waits for the GPU (nvJPEG waits for its
+  decode; transformers' processor may read a value back) wait for it alone, not for the model.
+  Measured in-process on an H200 with both on one thread and stream, preparing 64 photographs
+  took a third as long as the model and did not overlap it (bench/RESULTS.md, run 4).
 On a CPU the towers run eagerly on each batch as it comes.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from services.clip_graphs import GraphedImageTower, GraphedTextTower
-from services.clip_pixels import PixelPreprocessor, Preprocessing
+from services.clip_pixels import PixelBatch, PixelPreprocessor, Preprocessing
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class ClipEncoder:
         self.embedding_dim: int = self.model.config.projection_dim
         self.logit_scale: float = self.model.logit_scale.detach().exp().item()
         self.graphs = options.cuda_graphs and device.type == "cuda"
+        if device.type == "cuda":
+            self._prepare_stream = torch.cuda.Stream(device)
+            self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="clip-prepare")
         self.image_tower, self.text_tower = self._image_features, self._text_features
         if self.graphs:
             self.image_tower = GraphedImageTower(
@@ -82,19 +89,38 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_images(self, images: list[bytes]) -> np.ndarray:
         """L2-normalised float32 embeddings of encoded images; a row of NaN where one does not decode."""
+        embeddings = np.full((len(images), self.embedding_dim), np.nan, dtype=np.float32)
+        if self.device.type != "cuda":  # a CPU gains nothing from chunks: one call per batch, as it came
+            batch = self.pixels(images)
+            if batch.decoded:
+                embeddings[batch.decoded] = normalised(self.image_tower(batch.pixel_values)).numpy()
+            return embeddings
+        starts = range(0, len(images), self.options.chunk)
         rows: list[int] = []
         features: list[torch.Tensor] = []
-        # A CPU gains nothing from chunks: one call per batch, as the batch came.
-        chunk = self.options.chunk if self.device.type == "cuda" else max(len(images), 1)
-        for start in range(0, len(images), chunk):
-            batch = self.pixels(images[start : start + chunk])
+        model_stream = torch.cuda.current_stream()
+        next_chunk = self._prepare_thread.submit(self._prepare, images[: self.options.chunk])
+        for start in starts:
+            batch, prepared = next_chunk.result()
+            if start + self.options.chunk < len(images):  # prepared while the model runs on this chunk
+                following = images[start + self.options.chunk : start + 2 * self.options.chunk]
+                next_chunk = self._prepare_thread.submit(self._prepare, following)
             if batch.decoded:
+                model_stream.wait_event(prepared)
+                batch.pixel_values.record_stream(model_stream)  # made on the other stream, used on this one
                 features.append(normalised(self.image_tower(batch.pixel_values)))
                 rows.extend(start + i for i in batch.decoded)
-        embeddings = np.full((len(images), self.embedding_dim), np.nan, dtype=np.float32)
         if rows:
-            embeddings[rows] = torch.cat(features).cpu().numpy()  # the one wait for the GPU
+            embeddings[rows] = torch.cat(features).cpu().numpy()  # the one wait for the model
         return embeddings
+
+    def _prepare(self, images: list[bytes]) -> tuple[PixelBatch, torch.cuda.Event]:
+        """Pixels of a chunk, made on the preparation stream, and the event that marks them ready."""
+        with torch.inference_mode(), torch.cuda.stream(self._prepare_stream):
+            batch = self.pixels(images)
+            prepared = torch.cuda.Event()
+            prepared.record(self._prepare_stream)
+        return batch, prepared
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:

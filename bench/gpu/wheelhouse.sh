@@ -19,6 +19,7 @@ OUT=.whl
 
 REQS=$(grep -vE '^\s*(#|$)|^(torch|torchvision|numpy|pillow|prometheus-client|tqdm|openai-whisper)==' requirements.txt)
 REQS="$REQS more-itertools"   # openai-whisper's one dependency the device lacks (it has numba, tiktoken)
+REQS="$REQS py-spy==0.4.1"    # the benchmark's profiler (bench/clip_gpu.py --profile-at)
 
 # Versions seen on the GPU machine (pip list there, 2026-12-03), pinned so that resolution matches
 # it: e.g. huggingface-hub 2.x would pull httpx2, python-dateutil 4.x tzdata, neither needed there.
