@@ -410,12 +410,12 @@ def profile(server: Server, args: argparse.Namespace, label: str) -> None:
         out = args.out / f"pyspy-{label}-{role}.txt"
         command = [py_spy, "record", "--pid", str(processes[0].pid), "--duration", "5", "--rate", "200", "--nonblocking",
                    "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
-        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=(args.out / f"pyspy-{label}-{role}.log").open("wb"))
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace) -> dict:
     before = server.totals(kind)
-    if concurrency == args.profile_at and name in ("images", "single texts"):
+    if concurrency == args.profile_at and name in args.profile_scenarios:
         label = f"{name.replace(' ', '-')}-{concurrency}"
         threading.Timer(args.warmup + 2.0, profile, (server, args, label)).start()
     with GpuSampler() as gpu, CpuByRole(server) as cpu:
@@ -506,6 +506,7 @@ def main() -> None:
     parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
     parser.add_argument("--encoder-chunks", type=int, nargs="+", default=[16, 32, 64], help="pipeline chunks to try in-process")
     parser.add_argument("--profile-at", type=int, default=0, help="py-spy the workers at this concurrency (0: never)")
+    parser.add_argument("--profile-scenarios", nargs="+", default=["images", "single texts"], help="which to py-spy")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="serve with MULTIMODAL_CLIP_CUDA_GRAPHS=false")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
