@@ -6,11 +6,10 @@ code in-process (bench/clip_gpu.py), and so that the service module stays about 
 On a GPU:
 - the towers run as CUDA graphs (``services.clip_graphs``), so a batch costs one launch;
 - images go through in chunks, prepared (decoded, resized, normalised) by a thread of their own
-  on a CUDA stream of their own: while the model runs on chunk k, chunk k+1 is prepared. The
-  stream keeps the two apart: the preparation's own waits for the GPU (nvJPEG waits for its
-  decode; transformers' processor may read a value back) wait for it alone, not for the model.
-  Measured in-process on an H200 with both on one thread and stream, preparing 64 photographs
-  took a third as long as the model and did not overlap it (bench/RESULTS.md, run 4).
+  on a CUDA stream of their own, so that chunk k+1 can be prepared while the model runs on
+  chunk k. Measured in-process on an H200 (bench/RESULTS.md, runs 4 and 5), this gained nothing
+  over one thread and stream: preparation finds no host sync to hide, its cost is GPU time
+  (nvJPEG, resizing photographs) that competes with the model's.
 On a CPU the towers run eagerly on each batch as it comes.
 """
 
@@ -34,8 +33,7 @@ class EncoderOptions:
     decode_threads: int = 4
     largest_batch: int = 64  # the largest batch the towers are captured for; larger ones run in parts
     cuda_graphs: bool = True  # on a GPU only
-    # Images per chunk of the decode/model pipeline: small enough that decoding the next chunk
-    # overlaps the model's work on this one, large enough for the model to run near its batched speed.
+    # Images per chunk of the prepare/model pipeline; 32 measured best of 16, 32 and 64 (run 5).
     chunk: int = 32
 
 
