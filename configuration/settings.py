@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         description="CLIP service processes (each with the model) sharing the device: one's CPU work overlaps another's GPU work.",
     )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
+    clip_calls_in_flight: int = Field(
+        2,
+        ge=1,
+        description="CLIP calls each entry-service worker keeps in flight per kind (images, texts); "
+        "requests arriving meanwhile are merged into the next call.",
+    )
     clip_cuda_graphs: bool = Field(
         True,
         description="On a GPU, run CLIP's encoders as CUDA graphs captured per batch size at start-up "

@@ -50,7 +50,11 @@ class ClipEmbedder:
         self._card: ModelCard[ClipModelCard] = ModelCard(self._clip)
         # The proxy learns its endpoints from the CLIP service once that answers: look them up per call.
         self._encode: dict[Kind, Coalescer] = {
-            kind: Coalescer(retry_once_on_connection_error(self._caller(f"encode_{kind}s")), settings.clip_max_batch_size)
+            kind: Coalescer(
+                retry_once_on_connection_error(self._caller(f"encode_{kind}s")),
+                max_items=settings.clip_max_batch_size,
+                max_in_flight=settings.clip_calls_in_flight,
+            )
             for kind in ("image", "text")
         }
 
