@@ -241,6 +241,92 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
     return out
 
 
+def preparation_variants(path: Path, jpegs: list[bytes], threads: int) -> dict:
+    """Cheaper ways to prepare photographs, tried on the service's encoder (graphs, chunk 32).
+
+    Run 5 showed preparation costs GPU time that the model then lacks. Two candidates, here only
+    (the service keeps ``fast`` until one of them is measured to pay):
+    - ``half``: nvJPEG as in ``fast``, then transformers' resize on float16 instead of float32;
+    - ``draft``: Pillow decodes each JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that still
+      covers the model's input, on ``threads`` CPU threads; only those small pixels reach the GPU.
+    Each is timed end to end (b64, b256), its preparation alone (b64), its embeddings' cosine to
+    ``fast`` and to the reference path, and the GPU kernels of ``fast`` and the best are profiled.
+    """
+    import torch
+
+    from services.clip_encoder import ClipEncoder, EncoderOptions
+    from services.clip_pixels import PixelPreprocessor
+
+    class HalfResize(PixelPreprocessor):
+        def _decode_on_device(self, encoded):
+            return [None if t is None else t.half() for t in super()._decode_on_device(encoded)]
+
+    class DraftDecode(PixelPreprocessor):
+        def _decode_on_device(self, encoded):
+            side = self.image_processor.size["shortest_edge"]
+
+            def decode(data: bytes):
+                try:
+                    with Image.open(io.BytesIO(data)) as image:
+                        image.draft("RGB", (side, side))
+                        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+                except Exception:
+                    return None
+
+            return [None if t is None else t.to(self.device) for t in self._pool.map(decode, encoded)]
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = ClipEncoder(path, device, EncoderOptions(largest_batch=64, chunk=32, decode_threads=threads))
+    fast = encoder.pixels
+    reference = PixelPreprocessor(fast.image_processor, device, fast.dtype, "reference", threads)
+    variants = {
+        "fast": fast,
+        "half": HalfResize(fast.image_processor, device, fast.dtype, "fast", threads),
+        "draft": DraftDecode(fast.image_processor, device, fast.dtype, "fast", threads),
+    }
+    out: dict = {}
+    embeddings = {}
+    for name, pixels in {"reference": reference, **variants}.items():
+        encoder.pixels = pixels
+        try:
+            embeddings[name] = encoder.encode_images(jpegs[:256])
+            if name == "reference":
+                continue
+            row = {f"images_b{b}_per_s": b / timed(lambda b=b: encoder.encode_images(jpegs[:b]), repeats=6) for b in (64, 256)}
+            row["prepare_b64_ms"] = 1000 * timed(lambda: pixels(jpegs[:64]), repeats=6)
+            row["cosine_min_to_fast"] = float((embeddings[name] * embeddings["fast"]).sum(-1).min())
+            row["cosine_min_to_reference"] = float((embeddings[name] * embeddings["reference"]).sum(-1).min())
+            out[name] = row
+            log(f"preparation {name}: " + ", ".join(f"{k} {v:,.6g}" for k, v in row.items()))
+        except Exception as exc:  # one failing candidate must not cost the run
+            out[name] = {"error": repr(exc)}
+            log(f"preparation {name} failed: {exc!r}")
+    if device.type == "cuda":
+        best = max((n for n in variants if "error" not in out[n]), key=lambda n: out[n]["images_b64_per_s"])
+        out["kernels"] = {n: gpu_kernels(encoder, variants[n], jpegs[:64]) for n in dict.fromkeys(("fast", best))}
+    encoder.pixels = fast
+    return out
+
+
+def gpu_kernels(encoder, pixels, jpegs: list[bytes], top: int = 15) -> list[tuple[str, float]]:
+    """GPU time per kernel (ms per batch) of encoding one batch: what preparation costs the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    encoder.pixels = pixels
+    encoder.encode_images(jpegs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            encoder.encode_images(jpegs)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / 3000
+    rows = sorted(((e.key[:90], e.self_device_time_total / 3000) for e in events), key=lambda r: -r[1])[:top]
+    log(f"GPU kernels per batch of {len(jpegs)}, total {total:.2f} ms:\n" + "\n".join(f"  {ms:8.3f} ms  {k}" for k, ms in rows))
+    return [("total", total), *rows]
+
+
 # The service
 
 
@@ -504,14 +590,18 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
     parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
-    parser.add_argument("--encoder-chunks", type=int, nargs="+", default=[16, 32, 64], help="pipeline chunks to try in-process")
+    parser.add_argument("--encoder-chunks", type=int, nargs="*", default=[16, 32, 64], help="pipeline chunks to try in-process")
     parser.add_argument("--profile-at", type=int, default=0, help="py-spy the workers at this concurrency (0: never)")
     parser.add_argument("--profile-scenarios", nargs="+", default=["images", "single texts"], help="which to py-spy")
+    parser.add_argument("--preparation-threads", type=int, default=8, help="try cheaper image preparation in-process, with these decode threads (0: skip)")
+    parser.add_argument("--calls-in-flight", type=int, default=2, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service")
+    parser.add_argument("--also", nargs="*", default=[], metavar="ENV=VALUE", help="also serve with these settings, at the highest levels")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="serve with MULTIMODAL_CLIP_CUDA_GRAPHS=false")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["MULTIMODAL_CLIP_WORKERS"] = str(args.clip_workers)
+    os.environ["MULTIMODAL_CLIP_CALLS_IN_FLIGHT"] = str(args.calls_in_flight)
     os.environ["MULTIMODAL_CLIP_CUDA_GRAPHS"] = "false" if args.no_cuda_graphs else "true"
 
     home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
@@ -522,7 +612,10 @@ def main() -> None:
     results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)  # its model is freed on return
     results["raw"]["device_cpu_count"] = os.cpu_count()
     results["sync_points"] = sync_points(model_path(home), jpegs)
-    results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.encoder_chunks)
+    if args.encoder_chunks:
+        results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.encoder_chunks)
+    if args.preparation_threads:
+        results["preparation"] = preparation_variants(model_path(home), jpegs, args.preparation_threads)
     results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)
 
     image_bodies = [embeddings_body([data_url(j)]) for j in jpegs]
@@ -553,6 +646,18 @@ def main() -> None:
             measure(server, "warm-up", "image", image_bodies, 256, args)
             for level in (256, 512):
                 results["service"].append(measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args))
+        finally:
+            server.stop()
+    if args.also:
+        # Another configuration of the same service, at the highest level, in the same run.
+        overrides = dict(item.split("=", 1) for item in args.also)
+        server = Server(home, args.shape, 3003, args.gateway_workers, **overrides)
+        label = ", ".join(f"{k.removeprefix('MULTIMODAL_').lower()} {v}" for k, v in overrides.items())
+        try:
+            server.wait_ready()
+            measure(server, "warm-up", "image", image_bodies, 256, args)
+            results["service"].append(measure(server, f"images, {label}", "image", image_bodies, max(args.levels), args))
+            results["service"].append(measure(server, f"single texts, {label}", "text", single_texts, max(args.text_levels), args))
         finally:
             server.stop()
     if args.batching_off_at:
