@@ -465,6 +465,7 @@ class CpuByRole:
         self.roles = self.server.processes()
         self.started = time.perf_counter()
         self.before = {role: self._seconds(processes) for role, processes in self.roles.items()}
+        self._before_each = {p.pid: self._seconds([p]) for processes in self.roles.values() for p in processes}
         self.machine_before = psutil.cpu_times()
         return self
 
@@ -477,6 +478,12 @@ class CpuByRole:
         self.cores = {role: (self._seconds(processes) - self.before[role]) / wall for role, processes in self.roles.items()}
         self.cores["rest"] = busy / wall - sum(self.cores.values())
         self.cores["processes"] = {role: len(processes) for role, processes in self.roles.items()}
+        # Each worker's own cores: an uneven spread means some workers' connections wait on a
+        # saturated event loop while others idle (workers share one listening socket).
+        self.cores["per_worker"] = {
+            role: sorted(round((self._seconds([p]) - self._before_each[p.pid]) / wall, 2) for p in processes)
+            for role, processes in self.roles.items()
+        }
 
 
 def profile(server: Server, args: argparse.Namespace, label: str) -> None:
@@ -518,6 +525,8 @@ def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurren
         "scenario": name,
         **result.as_dict(),
         "mean_batch": delta["items"] / delta["batches"] if delta["batches"] else 0.0,
+        # Items per call from the entry service (its coalescer) to the CLIP service.
+        "items_per_call": delta["items"] / delta["clip_requests"] if delta["clip_requests"] else 0.0,
         "gpu_util_percent": gpu.mean,
         # How busy the CLIP service's encoder was: near 1 per worker, it is the wall; far below, something before it is.
         "encoder_busy": delta["encoding_s"] / (args.duration + args.warmup + 1.0),  # run_level starts its clients 1 s in
@@ -532,8 +541,10 @@ def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurren
     log(f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
         f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, encoder busy {row['encoder_busy']:.0%}), "
         f"entry {row['gateway_request_ms']:.1f} ms > CLIP call {row['clip_request_ms']:.1f} ms{gpu_text}, statuses {result.statuses}")  # fmt: skip
-    log("  cores: " + ", ".join(f"{role} {value:.1f}" for role, value in cpu.cores.items() if role != "processes")
-        + f" (processes {cpu.cores['processes']})")  # fmt: skip
+    if result.errors:
+        log(f"  answers other than 200: {result.errors}")
+    log("  cores: " + ", ".join(f"{role} {value:.1f}" for role, value in cpu.cores.items() if role not in ("processes", "per_worker"))
+        + f" (processes {cpu.cores['processes']}); items per call {row['items_per_call']:.1f}; per worker {cpu.cores['per_worker']}")  # fmt: skip
     return row
 
 
@@ -595,7 +606,7 @@ def main() -> None:
     parser.add_argument("--profile-scenarios", nargs="+", default=["images", "single texts"], help="which to py-spy")
     parser.add_argument("--preparation-threads", type=int, default=8, help="try cheaper image preparation in-process, with these decode threads (0: skip)")
     parser.add_argument("--calls-in-flight", type=int, default=2, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service")
-    parser.add_argument("--also", nargs="*", default=[], metavar="ENV=VALUE", help="also serve with these settings, at the highest levels")
+    parser.add_argument("--also", nargs="+", action="append", default=[], metavar="ENV=VALUE", help="also serve with these settings, at the highest levels (repeatable)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="serve with MULTIMODAL_CLIP_CUDA_GRAPHS=false")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
@@ -648,10 +659,10 @@ def main() -> None:
                 results["service"].append(measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args))
         finally:
             server.stop()
-    if args.also:
+    for port, also in enumerate(args.also, start=3003):
         # Another configuration of the same service, at the highest level, in the same run.
-        overrides = dict(item.split("=", 1) for item in args.also)
-        server = Server(home, args.shape, 3003, args.gateway_workers, **overrides)
+        overrides = dict(item.split("=", 1) for item in also)
+        server = Server(home, args.shape, port, args.gateway_workers, **overrides)
         label = ", ".join(f"{k.removeprefix('MULTIMODAL_').lower()} {v}" for k, v in overrides.items())
         try:
             server.wait_ready()

@@ -27,6 +27,7 @@ class LevelResult:
     p99_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
     retry_after_missing: int = 0  # 429/503 answers without a Retry-After header
+    errors: list[str] = field(default_factory=list)  # a few bodies of answers other than 200
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,6 +39,7 @@ async def _clients(url: str, bodies: list[bytes], clients: int, offset: int, sta
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     missing_retry_after = 0
+    errors: list[str] = []  # the first few answers other than 200, to say what went wrong
     headers = {"content-type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
@@ -48,8 +50,10 @@ async def _clients(url: str, bodies: list[bytes], clients: int, offset: int, sta
             while (sent := time.time()) < stop:
                 try:
                     async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as response:
-                        await response.read()
+                        answer = await response.read()
                         status = str(response.status)
+                        if response.status != 200 and len(errors) < 3:
+                            errors.append(f"{status} {answer[:300].decode(errors='replace')}")
                         no_retry_after = response.status in (429, 503) and "Retry-After" not in response.headers
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     status, no_retry_after = type(exc).__name__, False
@@ -62,10 +66,10 @@ async def _clients(url: str, bodies: list[bytes], clients: int, offset: int, sta
         while time.time() < start:
             await asyncio.sleep(0.001)
         await asyncio.gather(*(client(offset + k) for k in range(clients)))
-    return latencies, dict(statuses), missing_retry_after
+    return latencies, dict(statuses), missing_retry_after, errors
 
 
-def _process(args: tuple) -> tuple[list[float], dict[str, int], int]:
+def _process(args: tuple) -> tuple[list[float], dict[str, int], int, list[str]]:
     return asyncio.run(_clients(*args))
 
 
@@ -95,4 +99,5 @@ def run_level(
         p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
         statuses=dict(statuses),
         retry_after_missing=sum(part[2] for part in parts),
+        errors=[error for part in parts for error in part[3]][:5],
     )
