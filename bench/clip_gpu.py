@@ -134,7 +134,7 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from services.clip_pixels import PixelPreprocessor
+    from services.clip.pixels import PixelPreprocessor
 
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
@@ -183,7 +183,7 @@ def sync_points(path: Path, jpegs: list[bytes]) -> list[str]:
     import torch
     from transformers import CLIPProcessor
 
-    from services.clip_pixels import PixelPreprocessor
+    from services.clip.pixels import PixelPreprocessor
 
     if not torch.cuda.is_available():
         return []
@@ -213,7 +213,7 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
     """The CLIP service's own encoding code (``ClipEncoder``), in-process: what it can do with no HTTP around it."""
     import torch
 
-    from services.clip_encoder import ClipEncoder, EncoderOptions
+    from services.clip.encoder import ClipEncoder, EncoderOptions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict = {}

@@ -3,7 +3,7 @@
     python bench/whisper_gpu_decode.py [--tokens 100] [--out results.json]
 
 Measures windows per second for: openai-whisper as packaged, one window at a time (fp32
-parameters cast to fp16 on every forward); fp16 weights stored once, as ``services.whisper``
+parameters cast to fp16 on every forward); fp16 weights stored once, as ``services.whisper.service``
 does on a GPU, at batch 1; and mixed-language batches of 4, 16 and 32 windows, as the
 service's batcher forms them. Each window decodes exactly ``--tokens`` tokens (end of text is
 suppressed) so that every configuration does the same work. It also checks that batching does
@@ -34,7 +34,7 @@ LANGUAGES = ["en", "de", "fr", "es", "it", "ja", "zh", "ru"]
 
 
 class MixedLanguageTask(DecodingTask):
-    """One batch, each row with its own language token (as ``services.whisper`` decodes)."""
+    """One batch, each row with its own language token (as ``services.whisper.service`` decodes)."""
 
     def __init__(self, model: Whisper, options: DecodingOptions, languages: list[str]) -> None:
         super().__init__(model, options)

@@ -1,8 +1,8 @@
 """Entry service: the public HTTP API, composing the model services.
 
 Routes are a FastAPI app mounted on the BentoML service so that every route, native or
-OpenAI-compatible, answers errors in one JSON shape (``services.errors``). Each model family's
-route logic lives in its own module (``services.clip_api``, ...); this file only wires routes.
+OpenAI-compatible, answers errors in one JSON shape (``services.common.errors``). Each model family's
+route logic lives in its own module (``services.clip.api``, ...); this file only wires routes.
 The model services are BentoML dependencies: separate processes under ``bentoml serve``
 (pickle over a local socket), in-process under ``Gateway.to_asgi()``. A family's modules, and
 the heavy libraries they bring (torch, openai-whisper), are imported only when it is served.
@@ -22,13 +22,13 @@ from starlette.responses import Response
 
 from configuration.profiles import Family, model_spec
 from configuration.settings import get_settings
-from services import metrics
-from services.auth import APIKeyMiddleware, document_bearer_auth
-from services.chat_schemas import ChatCompletionRequest
-from services.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
-from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
-from services.pixel_budget import PixelBudget
-from services.schemas import (
+from services.common import metrics
+from services.common.auth import APIKeyMiddleware, document_bearer_auth
+from services.llava.protocol import ChatCompletionRequest
+from services.common.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
+from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
+from services.common.pixel_budget import PixelBudget
+from services.common.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     EmbeddingsRequest,
@@ -52,16 +52,16 @@ settings = get_settings()
 # Families are asked at once, each within this: one hung service cannot hold the probe past a kubelet's timeout.
 READY_TIMEOUT_SECONDS = 5.0
 if "clip" in settings.families:
-    from services.cache import build_cache
-    from services.clip import CLIP
-    from services.clip_api import ClipAPI
-    from services.embeddings import ClipEmbedder
+    from services.clip.cache import build_cache
+    from services.clip.service import CLIP
+    from services.clip.api import ClipAPI
+    from services.clip.embedder import ClipEmbedder
 if "llava" in settings.families:
-    from services.chat_api import LlavaAPI
-    from services.llava import LLaVA
+    from services.llava.api import LlavaAPI
+    from services.llava.service import LLaVA
 if "whisper" in settings.families:
-    from services.whisper import Whisper
-    from services.whisper_api import WhisperAPI
+    from services.whisper.service import Whisper
+    from services.whisper.api import WhisperAPI
 
 app = FastAPI(title="Multimodal serving", description="CLIP, LLaVA and Whisper behind one API.")
 install_error_handlers(app)

@@ -1,7 +1,7 @@
 """A hand-written corpus of bad input on every route, against a real ``bentoml serve`` of the whole product.
 
 Each case names the status and error code the API documents for it; every answer must be that,
-in the one error shape (``services.errors``), and the product must stay healthy after each one.
+in the one error shape (``services.common.errors``), and the product must stay healthy after each one.
 These are the inputs schemathesis does not make (test_fuzz.py): lone surrogates sent as JSON
 escapes, NaN and infinite float audio, pixel bombs, malformed data URLs, bodies over the caps.
 The server's caps are ``tests.conftest.HARDENED_LIMITS``, so that each is reached with a small body.

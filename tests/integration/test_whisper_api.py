@@ -271,7 +271,7 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
     import whisper
     from whisper.audio import N_FRAMES, N_SAMPLES
 
-    from services.long_audio import plan_chunks
+    from services.whisper.chunking import plan_chunks
 
     path, duration = speech["long"], duration_of(speech["long"])
     assert 170 <= duration <= MAX_SECONDS

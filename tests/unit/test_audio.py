@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from services.audio import SAMPLE_RATE, AudioLimits, decode_audio, sniff_format
-from services.errors import APIError
+from services.whisper.audio_decoding import SAMPLE_RATE, AudioLimits, decode_audio, sniff_format
+from services.common.errors import APIError
 from tests.helpers import png_bytes, random_image
 
 LIMITS = AudioLimits(max_bytes=5_000_000, max_seconds=60.0, ffmpeg_timeout_seconds=30.0)
@@ -168,18 +168,18 @@ def test_corrupt_and_streamless_files_are_4xx(tmp_path):
     assert decode_audio(mp3[: len(mp3) // 2], LIMITS).duration > 0  # a cut mp3 is frames that are there
 
 
-# Cutting long recordings (services.whisper_api)
+# Cutting long recordings (services.whisper.api)
 
 
 def test_recordings_up_to_30_seconds_are_one_chunk():
-    from services.long_audio import plan_chunks
+    from services.whisper.chunking import plan_chunks
 
     assert plan_chunks(tone(30.0)) == [(0, 30 * SAMPLE_RATE)]
     assert plan_chunks(tone(0.2)) == [(0, int(0.2 * SAMPLE_RATE))]
 
 
 def test_long_recordings_are_cut_in_the_pause_before_30_seconds():
-    from services.long_audio import plan_chunks
+    from services.whisper.chunking import plan_chunks
 
     rng = np.random.default_rng(5)
     speech = (0.3 * rng.standard_normal(100 * SAMPLE_RATE)).astype(np.float32)

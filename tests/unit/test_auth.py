@@ -11,7 +11,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from configuration.settings import Settings
-from services.auth import APIKeyMiddleware
+from services.common.auth import APIKeyMiddleware
 
 
 def client(metrics_open: bool = True) -> TestClient:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configuration.settings import Settings
-from services.cache import InProcessCache, ModelVersion, NoCache, RedisCache, build_cache
+from services.clip.cache import InProcessCache, ModelVersion, NoCache, RedisCache, build_cache
 
 
 def run(coro):

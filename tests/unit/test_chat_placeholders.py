@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.chat_api import IMAGE_PLACEHOLDER, without_placeholders
+from services.llava.api import IMAGE_PLACEHOLDER, without_placeholders
 
 
 @pytest.mark.parametrize("text", ["<image>", "a <image> b", "<<image>image>", "<<<image>image>image>", "<im<image>age>x"])

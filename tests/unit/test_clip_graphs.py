@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
-from services.clip_graphs import GraphedImageTower, GraphedTextTower, batch_sizes, smallest_fitting
+from services.clip.graphs import GraphedImageTower, GraphedTextTower, batch_sizes, smallest_fitting
 
 CPU = torch.device("cpu")
 

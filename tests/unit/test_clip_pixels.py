@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from services.clip_pixels import PixelPreprocessor
+from services.clip.pixels import PixelPreprocessor
 from tests.helpers import jpeg_bytes, png_bytes, random_image
 
 SIZE = 32

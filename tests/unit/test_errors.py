@@ -12,7 +12,7 @@ from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from services.errors import APIError, install_error_handlers
+from services.common.errors import APIError, install_error_handlers
 
 
 def app_raising(exc: Exception) -> TestClient:
@@ -62,7 +62,7 @@ def test_an_aiohttp_timeout_is_504():
 
 
 def test_an_embedding_call_broken_by_a_dying_worker_is_sent_once_more():
-    from services.embeddings import retry_once_on_connection_error
+    from services.clip.embedder import retry_once_on_connection_error
 
     calls: list[int] = []
 

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from configuration.settings import Settings
-from services.errors import APIError
-from services.fetch import ImageFetcher, is_public
+from services.common.errors import APIError
+from services.common.image_fetch import ImageFetcher, is_public
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import asyncio
 from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
-from services.errors import install_error_handlers
-from services.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
+from services.common.errors import install_error_handlers
+from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 
 
 def make_app(max_bytes: int = 100, max_in_flight: int = 10) -> FastAPI:

@@ -11,8 +11,8 @@ import hashlib
 import pytest
 from PIL import Image
 
-from services.errors import APIError
-from services.media import decode_base64, read_image
+from services.common.errors import APIError
+from services.common.image_validation import decode_base64, read_image
 from tests.helpers import b64, data_url, png_bytes, png_header_only, random_image
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 1_000_000}

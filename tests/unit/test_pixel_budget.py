@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from configuration.settings import Settings
-from services.chat_api import LlavaAPI
-from services.chat_schemas import ChatCompletionRequest
-from services.errors import APIError, install_error_handlers
-from services.media import BombCheck, read_image
-from services.pixel_budget import PixelBudget
+from services.llava.api import LlavaAPI
+from services.llava.protocol import ChatCompletionRequest
+from services.common.errors import APIError, install_error_handlers
+from services.common.image_validation import BombCheck, read_image
+from services.common.pixel_budget import PixelBudget
 from tests.helpers import data_url, image_chat, jpeg_bytes, palette_png, photograph, png_bytes, random_image
 
 

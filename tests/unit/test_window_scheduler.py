@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.window_scheduler import QueueFull, TooManyWindows, WindowScheduler
+from services.whisper.window_scheduler import QueueFull, TooManyWindows, WindowScheduler
 
 
 class Model:

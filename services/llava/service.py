@@ -63,7 +63,7 @@ class LLaVA:
 
     def __command__(self) -> list[str]:
         command = [
-            sys.executable, "-m", "services.llava",  # becomes vLLM's server: see the end of this file
+            sys.executable, "-m", "services.llava.service",  # becomes vLLM's server: see the end of this file
             "--model", self.model_ref.path,
             "--served-model-name", self.model_ref.tag.name,
             "--host", "127.0.0.1",

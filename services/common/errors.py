@@ -99,7 +99,7 @@ ERROR_MEANINGS = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for a route: each status it may answer, with the one error model."""
-    from services.schemas import ErrorResponse
+    from services.common.schemas import ErrorResponse
 
     return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
 

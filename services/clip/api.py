@@ -12,13 +12,13 @@ import base64
 import numpy as np
 
 from configuration.settings import Settings
-from services import metrics
-from services.embeddings import ClipEmbedder
-from services.errors import APIError, check_model
-from services.media import BombCheck, EncodedImage, is_image_data_url, read_image
-from services.pixel_budget import PixelBudget
-from services.readiness import ServiceProbe
-from services.schemas import (
+from services.common import metrics
+from services.clip.embedder import ClipEmbedder
+from services.common.errors import APIError, check_model
+from services.common.image_validation import BombCheck, EncodedImage, is_image_data_url, read_image
+from services.common.pixel_budget import PixelBudget
+from services.common.readiness import ServiceProbe
+from services.common.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     EmbeddingData,

@@ -4,8 +4,8 @@ How a request is transcribed
 ----------------------------
 Each request runs openai-whisper's own ``whisper.transcribe`` (seeking, timestamp rules,
 no-speech and fallback thresholds, language detection, word timestamps) on a worker thread,
-against ``RemoteWhisper`` (``services.remote_whisper``): a stand-in for the model whose ``decode`` and ``detect_language``
-send the window to the Whisper service (``services.whisper``), where BentoML's adaptive
+against ``RemoteWhisper`` (``services.whisper.remote_model``): a stand-in for the model whose ``decode`` and ``detect_language``
+send the window to the Whisper service (``services.whisper.service``), where BentoML's adaptive
 batcher merges it with every other request's windows into one batched forward pass. So
 for audio up to 30 s the answer *is* ``model.transcribe(audio, temperature=0,
 condition_on_previous_text=False)`` on the same weights, only decoded in company.
@@ -15,7 +15,7 @@ windows in flight differ in their ``DecodingOptions`` and cannot share a batch (
 what makes Whisper loop on its own output). Temperature fallback is off unless
 ``MULTIMODAL_WHISPER_TEMPERATURE_FALLBACK`` is set, so that answers are deterministic.
 
-Long recordings: cut at quiet points, then stitched (``services.long_audio``)
+Long recordings: cut at quiet points, then stitched (``services.whisper.chunking``)
 -----------------------------------------------------------------------------
 ``whisper.transcribe`` seeks sequentially: each 30-second window starts where the last
 complete segment of the previous one ended, so a 3-minute recording is at least six decodes
@@ -32,7 +32,7 @@ seeking: a cut in continuous speech with no pause can split a word; no context c
 cut (nor would it with conditioning off); segments end at cuts; and language detection
 looks at the first 30 s once for the whole recording, as ``transcribe`` does.
 
-Fair turns and a bounded queue (``services.window_scheduler``)
+Fair turns and a bounded queue (``services.whisper.window_scheduler``)
 --------------------------------------------------------------
 The Whisper service's batcher serves calls first come, first served, so a long recording's
 chunk windows, all sent at once, used to fill every batch ahead of a short clip sent a moment
@@ -44,7 +44,7 @@ with ``Retry-After``, and a recording with more chunks than the whole queue hold
 Timestamps are clamped to the audio's duration and made non-decreasing: ``transcribe``
 can report times past the end of a short last window (the model sees 30 s of padded audio).
 Word timestamps come from openai-whisper's cross-attention alignment, run in the Whisper
-service (``find_alignment`` needs the model's internals; see ``services.remote_whisper``).
+service (``find_alignment`` needs the model's internals; see ``services.whisper.remote_model``).
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from configuration.settings import Settings
-from services import metrics
-from services.audio import AudioLimits, DecodedAudio, decode_audio
-from services.errors import APIError, check_model
-from services.long_audio import plan_chunks, stitch
-from services.model_card import ModelCard
-from services.readiness import ServiceProbe
-from services.remote_whisper import RemoteWhisper
-from services.schemas import (
+from services.common import metrics
+from services.whisper.audio_decoding import AudioLimits, DecodedAudio, decode_audio
+from services.common.errors import APIError, check_model
+from services.whisper.chunking import plan_chunks, stitch
+from services.common.card_cache import ModelCard
+from services.common.readiness import ServiceProbe
+from services.whisper.remote_model import RemoteWhisper
+from services.common.schemas import (
     AudioUsage,
     Granularity,
     ResponseFormat,
@@ -86,8 +86,8 @@ from services.schemas import (
     TranscriptionVerboseResponse,
     TranscriptionWord,
 )
-from services.whisper import WhisperModelCard
-from services.window_scheduler import QueueFull, Ticket, TooManyWindows, WindowScheduler
+from services.whisper.service import WhisperModelCard
+from services.whisper.window_scheduler import QueueFull, Ticket, TooManyWindows, WindowScheduler
 
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
 Task = Literal["transcribe", "translate"]

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from services.errors import APIError
+from services.common.errors import APIError
 
 # Below the gateway's own budget for /ready (5 s), so one slow family cannot hide the others' answers.
 PROBE_TIMEOUT_SECONDS = 3.0

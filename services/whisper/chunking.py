@@ -1,6 +1,6 @@
 """Long recordings: cut at quiet points before decoding, stitched on one time line after.
 
-Why cut rather than seek: see ``services.whisper_api``'s docstring. Cuts are placed at the
+Why cut rather than seek: see ``services.whisper.api``'s docstring. Cuts are placed at the
 quietest 200 ms of the last 5 s before each 30 s limit, so they fall in a pause between words
 when there is one; stitching shifts each chunk's segments and words by the chunk's start and
 keeps timestamps inside the audio and non-decreasing.

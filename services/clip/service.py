@@ -2,7 +2,7 @@
 
 Requests from every caller meet in BentoML's adaptive batcher, which sends one batch at a
 time to ``encode_images`` / ``encode_texts`` (sizes from configuration). Images arrive as the
-client's encoded bytes; ``services.clip_encoder`` decodes, preprocesses and encodes them, on the
+client's encoded bytes; ``services.clip.encoder`` decodes, preprocesses and encodes them, on the
 GPU where there is one (in half precision, with SDPA attention and CUDA graphs). Embeddings come
 back L2-normalised as float32, so a dot product is the cosine similarity. The entry service
 (``services.gateway``) composes this one.
@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
-from services import metrics
+from services.common import metrics
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -76,7 +76,7 @@ class CLIP:
         import torch
 
         # torch and transformers: only in this service's process
-        from services.clip_encoder import ClipEncoder, EncoderOptions
+        from services.clip.encoder import ClipEncoder, EncoderOptions
 
         use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if use_cuda else "cpu")

@@ -4,7 +4,7 @@ Kept apart from the BentoML service so that the benchmark measures the service's
 code in-process (bench/clip_gpu.py), and so that the service module stays about serving.
 
 On a GPU:
-- the towers run as CUDA graphs (``services.clip_graphs``), so a batch costs one launch;
+- the towers run as CUDA graphs (``services.clip.graphs``), so a batch costs one launch;
 - images go through in chunks, prepared (decoded, resized, normalised) by a thread of their own
   on a CUDA stream of their own, so that chunk k+1 can be prepared while the model runs on
   chunk k. Measured in-process on an H200 (bench/RESULTS.md, runs 4 and 5), this gained nothing
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
-from services.clip_graphs import GraphedImageTower, GraphedTextTower
-from services.clip_pixels import PixelBatch, PixelPreprocessor, Preprocessing
+from services.clip.graphs import GraphedImageTower, GraphedTextTower
+from services.clip.pixels import PixelBatch, PixelPreprocessor, Preprocessing
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from services import metrics
-from services.errors import APIError
+from services.common import metrics
+from services.common.errors import APIError
 
 
 def _megapixels(pixels: int) -> str:

@@ -3,7 +3,7 @@
 Whisper hears audio in fixed 30-second log-mel windows, and openai-whisper's ``decode`` takes
 a batch of them. This service holds the model and nothing else: the per-request algorithm
 (``whisper.transcribe``'s seeking, fallbacks and timestamp rules) runs in the entry service
-(``services.whisper_api``), which sends each window it needs decoded here. BentoML's adaptive
+(``services.whisper.api``), which sends each window it needs decoded here. BentoML's adaptive
 batcher merges the windows of every request in flight, from different requests and from the
 chunks of one long recording alike, into one ``decode_windows`` call; that call groups them
 by ``DecodingOptions`` (one decoding task takes one set) and runs a single batched encoder
@@ -37,7 +37,7 @@ from whisper.tokenizer import get_tokenizer
 
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
-from services import metrics
+from services.common import metrics
 
 log = logging.getLogger(__name__)
 settings = get_settings()

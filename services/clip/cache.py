@@ -16,7 +16,7 @@ import numpy as np
 from cachetools import TLRUCache
 
 from configuration.settings import Settings
-from services.metrics import CACHE_ERRORS
+from services.common.metrics import CACHE_ERRORS
 
 log = logging.getLogger(__name__)
 

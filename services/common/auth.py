@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.errors import error_response
+from services.common.errors import error_response
 
 # Kubernetes probes and BentoML's own probes carry no credentials.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/health", "/ready"})

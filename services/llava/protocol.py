@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from services.schemas import StrictRequest
+from services.common.schemas import StrictRequest
 
 
 class TextPart(StrictRequest):

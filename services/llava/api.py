@@ -2,8 +2,8 @@
 
 Requests are validated and every image is made safe before anything reaches vLLM: ``data:``
 URLs are decoded and checked (format, bytes, pixels), http(s) URLs are fetched by
-``services.fetch`` when enabled, and vLLM receives only ``data:`` URLs. The images' pixels are
-checked against the request's and the process's pixel budgets (``services.pixel_budget``) from
+``services.common.image_fetch`` when enabled, and vLLM receives only ``data:`` URLs. The images' pixels are
+checked against the request's and the process's pixel budgets (``services.common.pixel_budget``) from
 their headers before any is decoded, and stay reserved until vLLM has answered (vLLM decodes each
 image at full size before its processor resizes it to 336x336). The request then goes
 as plain HTTP through the LLaVA service's socket to vLLM's own OpenAI server, so that vLLM's
@@ -22,13 +22,13 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from configuration.settings import Settings
-from services import metrics
-from services.chat_schemas import ChatCompletionRequest, ImagePart, TextPart
-from services.errors import APIError, check_model, error_response
-from services.fetch import ImageFetcher
-from services.media import BombCheck, EncodedImage, check_image_bytes, decode_base64, is_data_url, verified_data_url
-from services.pixel_budget import PixelBudget
-from services.readiness import ReadinessGate, ServiceProbe, dependency_client
+from services.common import metrics
+from services.llava.protocol import ChatCompletionRequest, ImagePart, TextPart
+from services.common.errors import APIError, check_model, error_response
+from services.common.image_fetch import ImageFetcher
+from services.common.image_validation import BombCheck, EncodedImage, check_image_bytes, decode_base64, is_data_url, verified_data_url
+from services.common.pixel_budget import PixelBudget
+from services.common.readiness import ReadinessGate, ServiceProbe, dependency_client
 
 # LLaVA-1.5's image placeholder: typed by a user it would claim image slots that no image
 # fills, so it is removed from text (the chat template inserts one per image part).

@@ -15,20 +15,20 @@ from typing import Any
 import numpy as np
 
 from configuration.settings import Settings
-from services import metrics
-from services.cache import EmbeddingCache, Kind, ModelVersion
-from services.clip import ClipModelCard, split_text_rows
-from services.coalescing import Coalescer
-from services.errors import CONNECTION_ERRORS, APIError, is_timeout
-from services.media import EncodedImage
-from services.model_card import ModelCard
+from services.common import metrics
+from services.clip.cache import EmbeddingCache, Kind, ModelVersion
+from services.clip.service import ClipModelCard, split_text_rows
+from services.common.coalescing import Coalescer
+from services.common.errors import CONNECTION_ERRORS, APIError, is_timeout
+from services.common.image_validation import EncodedImage
+from services.common.card_cache import ModelCard
 
 log = logging.getLogger(__name__)
 
 
 def retry_once_on_connection_error(call: Callable[[list[Any]], Awaitable[np.ndarray]]):
     """Embedding is idempotent, so a call that broke on the connection (a broken pipe, a reset)
-    is sent once more before the error reaches the client (as 503, ``services.errors``)."""
+    is sent once more before the error reaches the client (as 503, ``services.common.errors``)."""
 
     async def call_with_retry(items: list[Any]) -> np.ndarray:
         try:

@@ -19,9 +19,9 @@ from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import ModelDimensions
 from whisper.tokenizer import Tokenizer
 
-from services import metrics
-from services.whisper import AlignJob, WhisperModelCard, WindowJob
-from services.window_scheduler import Ticket
+from services.common import metrics
+from services.whisper.service import AlignJob, WhisperModelCard, WindowJob
+from services.whisper.window_scheduler import Ticket
 
 # The stand-in model has its device on the CPU (mels are made here); on a GPU host
 # transcribe would warn about that on every request.
@@ -45,7 +45,7 @@ class RemoteWhisper:
         self._client, self._ticket, self._loop = client, ticket, loop
 
     def _call(self, method: str, argument: Any) -> Any:
-        """Wait for this request's turn (``services.window_scheduler``), then for the batch the window joins."""
+        """Wait for this request's turn (``services.whisper.window_scheduler``), then for the batch the window joins."""
         client, ticket = self._client, self._ticket
 
         async def call() -> Any:

@@ -1,6 +1,6 @@
 """Safe decoding of client-supplied audio to what Whisper hears: mono float32 at 16 kHz.
 
-Like images (``services.media``), every upload is hostile until proven otherwise:
+Like images (``services.common.image_validation``), every upload is hostile until proven otherwise:
 - the byte size is capped before anything is parsed (OpenAI's 25 MB by default);
 - the format is recognised from the file's own magic bytes, never from its name or the
   client's content type: anything else is 415 without any decoder touching it;
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.errors import APIError
+from services.common.errors import APIError
 
 SAMPLE_RATE = 16_000  # what openai-whisper's models take
 IN_PROCESS = ("wav", "flac")

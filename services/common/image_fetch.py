@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from configuration.settings import Settings
-from services.errors import APIError
+from services.common.errors import APIError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
