@@ -18,7 +18,7 @@ from services.common.errors import APIError, check_model
 from services.common.image_validation import BombCheck, EncodedImage, is_image_data_url, read_image
 from services.common.pixel_budget import PixelBudget
 from services.common.readiness import ServiceProbe
-from services.common.schemas import (
+from services.clip.protocol import (
     ClassifyRequest,
     ClassifyResponse,
     EmbeddingData,

@@ -17,7 +17,7 @@ import numpy as np
 from configuration.settings import Settings
 from services.common import metrics
 from services.clip.cache import EmbeddingCache, Kind, ModelVersion
-from services.clip.service import ClipModelCard, split_text_rows
+from services.clip.protocol import ClipModelCard, split_text_rows
 from services.common.coalescing import Coalescer
 from services.common.errors import CONNECTION_ERRORS, APIError, is_timeout
 from services.common.image_validation import EncodedImage

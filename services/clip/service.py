@@ -17,10 +17,9 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel
-
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
+from services.clip.protocol import ClipModelCard
 from services.common import metrics
 
 log = logging.getLogger(__name__)
@@ -29,22 +28,6 @@ settings = get_settings()
 # Bump when our preprocessing or the cached rows' layout changes in a way the processor config
 # does not show: it is part of every cache key, so stale embeddings are never served.
 PREPROCESSING_CODE_VERSION = "2"
-
-
-def split_text_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_texts`` rows are the embedding followed by the text's token count: split them."""
-    return rows[:, :-1], rows[:, -1].astype(np.int64)
-
-
-class ClipModelCard(BaseModel):
-    """What callers need to know to cache and interpret embeddings."""
-
-    model: str
-    revision: str
-    preprocessing: str
-    device: str
-    embedding_dim: int
-    logit_scale: float  # exp of the learned temperature: softmax(scale * cosine) = CLIP's probabilities
 
 
 # Adaptive batching of the encoders. BentoML needs a max batch size above 1; at 1 (batching off,

@@ -104,6 +104,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
+# What every model route may answer besides 200 (the audio routes add 415).
+MODEL_ROUTE_ERRORS = error_responses(400, 404, 413, 429, 503, 504)
+
+
 def document_errors_truthfully(app: FastAPI) -> None:
     """FastAPI documents a 422 on every route with a body; this API answers validation errors with
     400 in the error shape and never sends 422, so the document leaves it out."""

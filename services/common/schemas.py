@@ -1,15 +1,11 @@
-"""Request and response models of the public API (the entry service's edge)."""
+"""Models every route shares: the strict request base, the one error shape, health, readiness and
+the model list. Each family's own request and response models are in its ``protocol.py``."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-
-# Whisper's form fields (multipart, so they are parameters rather than a body model)
-ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
-Granularity = Literal["segment", "word"]
 
 
 def lone_surrogate_at(value: Any, path: str = "") -> str | None:
@@ -60,77 +56,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# Native routes (the original design's shapes)
-
-
-class SearchRequest(StrictRequest):
-    image_data: str = Field(min_length=1, description="The image, base64 (raw or a data: URL).")
-    texts: list[str] = Field(min_length=1, description="Candidate texts to rank against the image.")
-    return_embeddings: bool = False
-
-
-class SearchEmbeddings(BaseModel):
-    """The original design's keys, which its clients read."""
-
-    image_embedding: list[float]
-    text_embeddings: list[list[float]]
-
-
-class SearchResponse(BaseModel):
-    similarities: list[float] = Field(description="Cosine similarity of the image to each text, in input order.")
-    best_match: str
-    best_similarity: float
-    embeddings: SearchEmbeddings | None = None
-
-
-class ClassifyRequest(StrictRequest):
-    image_data: str = Field(min_length=1, description="The image, base64 (raw or a data: URL).")
-    labels: list[str] = Field(min_length=1, description="Candidate class names.")
-    template: str = Field("a photo of a {}", description="Prompt each label is put into; `{}` marks the label.")
-
-
-class LabelProbability(BaseModel):
-    label: str
-    probability: float
-
-
-class ClassifyResponse(BaseModel):
-    predictions: list[LabelProbability] = Field(description="Softmax over CLIP's scaled logits, most likely first.")
-    best_label: str
-    best_probability: float
-
-
-# OpenAI-compatible embeddings
-
-
-class EmbeddingsRequest(StrictRequest):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields we do not use
-
-    input: str | list[str] = Field(description="Texts, or images as base64 `data:image/...` URLs.")
-    model: str = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
-
-
-class EmbeddingData(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingsResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: Usage
-
-
 # Health
 
 
@@ -163,58 +88,3 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
-
-
-# Whisper: OpenAI-compatible transcriptions and translations, and the native /transcribe
-
-
-class AudioUsage(BaseModel):
-    type: Literal["duration"] = "duration"
-    seconds: int = Field(description="Audio duration, rounded up to whole seconds.")
-
-
-class TranscriptionResponse(BaseModel):
-    """`response_format=json`."""
-
-    text: str
-    usage: AudioUsage | None = None
-
-
-class TranscriptionWord(BaseModel):
-    word: str
-    start: float
-    end: float
-
-
-class TranscriptionSegment(BaseModel):
-    id: int
-    seek: int = Field(description="Offset of the window this segment was decoded from, in 10 ms mel frames.")
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    temperature: float
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
-
-
-class TranscriptionVerboseResponse(BaseModel):
-    """`response_format=verbose_json`: segments and words as `timestamp_granularities[]` asks."""
-
-    task: Literal["transcribe", "translate"]
-    language: str = Field(
-        description="English name, lowercase, as OpenAI gives it: the spoken language, or `english` for a translation."
-    )
-    duration: float
-    text: str
-    segments: list[TranscriptionSegment] | None = None
-    words: list[TranscriptionWord] | None = None
-    usage: AudioUsage | None = None
-
-
-class TranscribeResponse(BaseModel):
-    """The original design's `/transcribe` answer."""
-
-    text: str
-    language: str = Field(description="ISO 639-1 code of the spoken (given or detected) language.")

@@ -76,7 +76,7 @@ from services.whisper.chunking import plan_chunks, stitch
 from services.common.card_cache import ModelCard
 from services.common.readiness import ServiceProbe
 from services.whisper.remote_model import RemoteWhisper
-from services.common.schemas import (
+from services.whisper.protocol import (
     AudioUsage,
     Granularity,
     ResponseFormat,
@@ -85,8 +85,8 @@ from services.common.schemas import (
     TranscriptionSegment,
     TranscriptionVerboseResponse,
     TranscriptionWord,
+    WhisperModelCard,
 )
-from services.whisper.service import WhisperModelCard
 from services.whisper.window_scheduler import QueueFull, Ticket, TooManyWindows, WindowScheduler
 
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send
@@ -241,6 +241,7 @@ class WhisperAPI:
 
     async def openai(
         self,
+        *,
         task: Task,
         file: UploadFile,
         model: str,

@@ -20,7 +20,7 @@ from whisper.model import ModelDimensions
 from whisper.tokenizer import Tokenizer
 
 from services.common import metrics
-from services.whisper.service import AlignJob, WhisperModelCard, WindowJob
+from services.whisper.protocol import AlignJob, WhisperModelCard, WindowJob
 from services.whisper.window_scheduler import Ticket
 
 # The stand-in model has its device on the CPU (mels are made here); on a GPU host

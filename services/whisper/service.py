@@ -24,13 +24,12 @@ import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
 import numpy as np
 import torch
 import whisper
-from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from whisper.timing import find_alignment
 from whisper.tokenizer import get_tokenizer
@@ -38,12 +37,12 @@ from whisper.tokenizer import get_tokenizer
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.common import metrics
+from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 
 CHECKPOINT = "model.pt"  # bentos.tiny.whisper writes it; bentos.import_models renames downloads to it
-Mel = Annotated[np.ndarray, WithJsonSchema({"type": "array", "description": "float32 log-mel window (n_mels, 3000)"})]
 
 
 class _MixedLanguageTask(DecodingTask):
@@ -63,58 +62,6 @@ class _MixedLanguageTask(DecodingTask):
     def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor) -> tuple[list[str], None]:
         tokens[:, self.sot_index + 1] = self.language_tokens
         return self.languages, None
-
-
-class WhisperModelCard(BaseModel):
-    """What the entry service needs to run ``whisper.transcribe`` against this model."""
-
-    model: str
-    revision: str
-    device: str
-    dims: dict[str, int]  # whisper.model.ModelDimensions
-    multilingual: bool
-    num_languages: int
-
-
-class WindowJob(BaseModel):
-    """One 30-second window to decode, with the ``whisper.DecodingOptions`` fields to decode it by."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    mel: Mel
-    options: dict[str, Any]
-
-
-class WindowResult(BaseModel):
-    """``whisper.DecodingResult`` less its encoder output (megabytes that transcribe never reads)."""
-
-    language: str
-    tokens: list[int]
-    text: str
-    avg_logprob: float
-    no_speech_prob: float
-    temperature: float
-    compression_ratio: float
-
-
-class AlignJob(BaseModel):
-    """Arguments of ``whisper.timing.find_alignment`` for one window's text."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    language: str | None
-    task: str
-    text_tokens: list[int]
-    mel: Mel
-    num_frames: int
-    medfilt_width: int = 7
-    qk_scale: float = 1.0
-
-
-class WordTiming(BaseModel):
-    word: str
-    tokens: list[int]
-    start: float
-    end: float
-    probability: float
 
 
 @bentoml.service(

@@ -181,9 +181,11 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
         "clip/encoder.py",
         "clip/graphs.py",
         "clip/pixels.py",
+        "clip/protocol.py",
         "clip/service.py",
         "common/__init__.py",
         "common/metrics.py",
+        "common/schemas.py",
     ]
     assert vllm_requirements(bento.requirements) == [] and bento.setup_scripts() == []
     check_image(bento)
