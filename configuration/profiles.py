@@ -8,13 +8,10 @@ prove that every path works and that our numbers equal the reference libraries' 
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel
 
+from configuration.families import Family
 from configuration.settings import Settings, get_settings
-
-Family = Literal["clip", "llava", "whisper"]
 
 
 class ModelSpec(BaseModel, frozen=True):

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from configuration.families import FAMILIES, Family
+
 PREFIX = "MULTIMODAL_"
 
 
@@ -27,7 +29,7 @@ def _comma_separated(value: object) -> object:
 
 # A list given in the environment as "a,b,c".
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
-Families = Annotated[list[Literal["clip", "llava", "whisper"]], NoDecode, BeforeValidator(_comma_separated)]
+Families = Annotated[list[Family], NoDecode, BeforeValidator(_comma_separated)]
 
 
 class Settings(BaseSettings):
@@ -35,7 +37,7 @@ class Settings(BaseSettings):
 
     # Models
     families: Families = Field(
-        default_factory=lambda: ["clip", "llava", "whisper"],
+        default_factory=lambda: list(FAMILIES),
         description="Model families this deployment serves, comma separated; the others' routes answer 404.",
     )
     profile: Literal["tiny", "production"] = Field(

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from configuration.families import TITLES
 from configuration.settings import Settings
 
 Rule = dict[str, Any]
@@ -110,7 +111,7 @@ def error_rules(families: list[str], t: Thresholds) -> list[Rule]:
     for family in families:
         total = f"sum by (namespace) (rate({family}_requests_total[5m]))"
         failed = f'sum by (namespace) (rate({family}_requests_total{{status=~"5.."}}[5m]))'
-        title = {"clip": "CLIP", "llava": "LLaVA", "whisper": "Whisper"}[family]
+        title = TITLES[family]
         rules.append(
             _alert(
                 f"{family.capitalize()}ErrorRateHigh",

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from configuration.families import TITLES
 from configuration.settings import Settings
 
 Panel = dict[str, Any]
 NS = 'namespace="$namespace"'
 RATE = "$__rate_interval"
-TITLES = {"clip": "CLIP", "llava": "LLaVA", "whisper": "Whisper"}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from configuration.profiles import Family
+from configuration.families import FAMILIES, Family
 from configuration.settings import Settings
 
 Profile = Literal["tiny", "production"]
@@ -220,7 +220,7 @@ def service_spec(name: str, profile: Profile, settings: Settings) -> ServiceSpec
 def deployment_spec(settings: Settings, images: Mapping[str, str] | None = None) -> DeploymentSpec:
     """The entry service and one model service per family the settings enable, sized by their profile."""
     profile = settings.profile
-    names = ["gateway", *(family for family in ("clip", "llava", "whisper") if family in settings.families)]
+    names = ["gateway", *(family for family in FAMILIES if family in settings.families)]
     services = tuple(service_spec(name, profile, settings) for name in names)
     return DeploymentSpec(
         settings=settings, profile=profile, services=services, images=MappingProxyType(dict(images or {}))

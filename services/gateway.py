@@ -23,7 +23,8 @@ import bentoml
 from fastapi import APIRouter, FastAPI, Query
 from starlette.responses import Response
 
-from configuration.profiles import Family, model_spec
+from configuration.families import Family
+from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.clip import routes as clip_routes
 from services.common import metrics

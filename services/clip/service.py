@@ -21,6 +21,8 @@ from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.clip.protocol import ClipModelCard
 from services.common import metrics
+from services.common.device import torch_device
+from services.common.model_service import model_service
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -41,28 +43,15 @@ else:
     encoder_api = bentoml.api
 
 
-@bentoml.service(
-    name="CLIP",
-    workers=settings.clip_workers,
-    traffic={"timeout": settings.request_timeout_seconds},
-    resources={"gpu": 1} if settings.device == "cuda" else {},
-    # BentoML 1.4.40 replaces its client session to a dependency every 100 requests (or 5 min)
-    # and closes the old one under requests still in flight, which fail ("Cannot write to
-    # closing transport"; bentoml/BentoML#5540, #5544). Over a local socket there is nothing
-    # to rebalance, so keep one session for the life of the process.
-    runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
-)
+@model_service("CLIP", workers=settings.clip_workers)
 class CLIP:
     model_ref = bentoml.models.BentoModel(model_spec("clip").tag)
 
     def __init__(self) -> None:
-        import torch
-
         # torch and transformers: only in this service's process
         from services.clip.encoder import ClipEncoder, EncoderOptions
 
-        use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if use_cuda else "cpu")
+        device = torch_device()
         path = Path(self.model_ref.path)
         options = EncoderOptions(
             preprocessing=settings.clip_preprocessing,

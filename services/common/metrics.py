@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from configuration.families import FAMILIES
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SIMILARITY_BUCKETS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
 
 # Requests, by model family and the public route they came to: clip_requests_total, ...
-FAMILIES = ("clip", "whisper", "llava")
 REQUESTS = {
     family: Counter(f"{family}_requests_total", f"{family} requests by endpoint and HTTP status", ["endpoint", "status"])
     for family in FAMILIES

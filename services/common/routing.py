@@ -12,7 +12,7 @@ from typing import Any
 
 import bentoml
 
-from configuration.profiles import Family
+from configuration.families import Family
 
 
 def served_family(family: Family) -> Any:

@@ -36,27 +36,17 @@ import httpx
 
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
+from services.common.device import uses_gpu
+from services.common.model_service import model_service
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 
 
-def _uses_gpu() -> bool:
-    if settings.device != "auto":
-        return settings.device == "cuda"
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@bentoml.service(
-    name="LLaVA",
-    traffic={"timeout": settings.request_timeout_seconds},
+@model_service(
+    "LLaVA",
     http={"proxy_port": settings.llava_engine_port},
     endpoints={"livez": "/health"},  # polled until vLLM answers, before the service counts as started
-    resources={"gpu": 1} if settings.device == "cuda" else {},
-    # See services/clip.py: keep one client session, or in-flight calls fail under load.
-    runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
 )
 class LLaVA:
     model_ref = bentoml.models.BentoModel(model_spec("llava").tag)
@@ -78,7 +68,7 @@ class LLaVA:
         # The gateway checks every image first; vLLM's own per-image cap (VLLM_MAX_IMAGE_PIXELS,
         # 179 MP by default, no per-request sum) is lowered to ours in case anything else reaches it.
         os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(settings.max_image_pixels))
-        if _uses_gpu():
+        if uses_gpu():
             command += ["--gpu-memory-utilization", str(settings.llava_gpu_memory_utilization)]
         else:
             # vLLM on the CPU takes its KV cache from host memory; CUDA graphs do not apply.

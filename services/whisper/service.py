@@ -37,6 +37,8 @@ from whisper.tokenizer import get_tokenizer
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.common import metrics
+from services.common.device import torch_device
+from services.common.model_service import model_service
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
 
 log = logging.getLogger(__name__)
@@ -64,24 +66,14 @@ class _MixedLanguageTask(DecodingTask):
         return self.languages, None
 
 
-@bentoml.service(
-    name="Whisper",
-    traffic={"timeout": settings.request_timeout_seconds},
-    resources={"gpu": 1} if settings.device == "cuda" else {},
-    # BentoML 1.4.40 replaces its client session to a dependency every 100 requests (or 5 min)
-    # and closes the old one under requests still in flight, which fail ("Cannot write to
-    # closing transport"; bentoml/BentoML#5540, #5544). Over a local socket there is nothing
-    # to rebalance, so keep one session for the life of the process.
-    runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
-)
+@model_service("Whisper")
 class Whisper:
     model_ref = bentoml.models.BentoModel(model_spec("whisper").tag)
 
     def __init__(self) -> None:
-        use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = torch_device()
         self.model = whisper.load_model(str(Path(self.model_ref.path) / CHECKPOINT), device=self.device).eval()
-        self.fp16 = use_cuda
+        self.fp16 = self.device.type == "cuda"
         if self.fp16:
             for module in self.model.modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Embedding)):

@@ -184,7 +184,9 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
         "clip/protocol.py",
         "clip/service.py",
         "common/__init__.py",
+        "common/device.py",
         "common/metrics.py",
+        "common/model_service.py",
         "common/schemas.py",
     ]
     assert vllm_requirements(bento.requirements) == [] and bento.setup_scripts() == []
