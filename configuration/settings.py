@@ -184,7 +184,7 @@ class Settings(BaseSettings):
     llava_dtype: str = Field("auto", description="vLLM `--dtype` (`auto`, `float32`, `bfloat16`, `float16`).")
     llava_engine_args: str = Field("", description="Extra vLLM server arguments, space separated.")
 
-    # Remote images (http/https image URLs); off by default: see services/fetch.py
+    # Remote images (http/https image URLs); off by default: see services/common/image_fetch.py
     image_fetch_enabled: bool = Field(False, description="Fetch http(s) image URLs at all.")
     image_fetch_allowed_hosts: CommaList = Field(
         default_factory=list, description="Host names that may be fetched, comma separated; empty: any public host."
@@ -195,7 +195,7 @@ class Settings(BaseSettings):
     image_fetch_timeout_seconds: float = Field(10.0, gt=0, description="Total time for fetching one image.")
     image_fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed, each hop checked again.")
 
-    # Access (services/auth.py): no keys, no authentication
+    # Access (services/common/auth.py): no keys, no authentication
     api_keys: CommaList = Field(
         default_factory=list,
         repr=False,

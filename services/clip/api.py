@@ -1,7 +1,7 @@
 """The CLIP routes' logic: search, zero-shot classification and OpenAI-style embeddings.
 
-Kept apart from ``services.gateway`` (which only wires routes to it) so that each model
-family's API reads on its own.
+``services.clip.routes`` declares the URLs; this is what they do, built by the entry service when
+it serves CLIP.
 """
 
 from __future__ import annotations

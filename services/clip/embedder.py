@@ -21,7 +21,7 @@ from services.clip.protocol import ClipModelCard, split_text_rows
 from services.common.coalescing import Coalescer
 from services.common.errors import CONNECTION_ERRORS, APIError, is_timeout
 from services.common.image_validation import EncodedImage
-from services.common.card_cache import ModelCard
+from services.common.card_cache import LazyCardCache
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ClipEmbedder:
         self._clip = clip.to_async  # the dependency proxy; its sync methods would block the event loop
         self._cache = cache
         self._ttl: dict[Kind, int] = {"image": settings.cache_ttl_seconds, "text": settings.query_cache_ttl_seconds}
-        self._card: ModelCard[ClipModelCard] = ModelCard(self._clip)
+        self._card: LazyCardCache[ClipModelCard] = LazyCardCache(self._clip)
         # The proxy learns its endpoints from the CLIP service once that answers: look them up per call.
         self._encode: dict[Kind, Coalescer] = {
             kind: Coalescer(

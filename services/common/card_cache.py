@@ -1,4 +1,4 @@
-"""A model service's card (model, revision, ...), asked for once per process.
+"""A lazy cache of a model service's card (model, revision, ...): asked for on first use, then kept.
 
 The card cannot change while the service runs, and the first requests after start-up arrive
 together: one lock makes them share a single call.
@@ -12,7 +12,9 @@ from typing import Any, Generic, TypeVar
 Card = TypeVar("Card")
 
 
-class ModelCard(Generic[Card]):
+class LazyCardCache(Generic[Card]):
+    """The card of one model service, fetched by its ``describe`` API the first time it is wanted."""
+
     def __init__(self, service: Any) -> None:
         self._service = service  # a dependency's async proxy, with a `describe` API
         self._card: Card | None = None

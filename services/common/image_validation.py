@@ -1,4 +1,5 @@
-"""Safe decoding of client-supplied images.
+"""Validation of client-supplied images, as encoded bytes: the entry service reads and checks them,
+the model services decode their pixels.
 
 Everything a client sends is hostile until proven otherwise: base64 is decoded with
 validation, the byte size is capped, the format is restricted, and width x height is checked
@@ -31,7 +32,7 @@ class EncodedImage:
 
     data: bytes
     sha256: str  # of the encoded bytes: the cache key's content part
-    pixels: int = 0  # width x height from the header: what decoding it will cost (services/pixel_budget.py)
+    pixels: int = 0  # width x height from the header: what decoding it will cost (services/common/pixel_budget.py)
     mime: str = "application/octet-stream"  # from the content, never from what the client declared
 
 

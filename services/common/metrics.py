@@ -69,7 +69,7 @@ WHISPER_BATCH_DURATION = Histogram(
 # Autoscaling signal: model calls accepted by this pod and not yet answered
 QUEUE_DEPTH = Gauge("queue_depth", "Requests waiting for or inside a model batch", ["model"], multiprocess_mode="livesum")
 
-# Decoded pixels admitted by the entry service and not yet answered (services/pixel_budget.py),
+# Decoded pixels admitted by the entry service and not yet answered (services/common/pixel_budget.py),
 # summed over its workers; and the requests refused for pixels, by status (413 request, 429 busy).
 PIXELS_IN_FLIGHT = Gauge("image_pixels_in_flight", "Image pixels sent on to a model service, not yet answered", multiprocess_mode="livesum")
 PIXEL_REFUSALS = Counter("image_pixel_refusals_total", "Requests refused by the pixel budgets", ["status"])

@@ -73,7 +73,7 @@ from services.common import metrics
 from services.whisper.audio_decoding import AudioLimits, DecodedAudio, decode_audio
 from services.common.errors import APIError, check_model
 from services.whisper.chunking import plan_chunks, stitch
-from services.common.card_cache import ModelCard
+from services.common.card_cache import LazyCardCache
 from services.common.readiness import ServiceProbe
 from services.whisper.remote_model import RemoteWhisper
 from services.whisper.protocol import (
@@ -124,7 +124,7 @@ class WhisperAPI:
         # Admission bounds the chunks, so the pool never makes an admitted request wait; the
         # scheduler, not the pool, decides who goes next (threads start only as needed).
         self._pool = ThreadPoolExecutor(settings.whisper_max_queued_windows, thread_name_prefix="transcribe")
-        self._card: ModelCard[WhisperModelCard] = ModelCard(self._client)
+        self._card: LazyCardCache[WhisperModelCard] = LazyCardCache(self._client)
         self._probe = ServiceProbe("Whisper", service_url)
 
     async def card(self) -> WhisperModelCard:

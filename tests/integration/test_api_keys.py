@@ -1,4 +1,4 @@
-"""Optional API keys (services/auth.py) on a real ``bentoml serve``, with the official ``openai`` SDK."""
+"""Optional API keys (services/common/auth.py) on a real ``bentoml serve``, with the official ``openai`` SDK."""
 
 from __future__ import annotations
 

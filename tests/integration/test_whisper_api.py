@@ -400,7 +400,7 @@ def test_models_readiness_and_metrics(server, speech):
     assert metric_value(text, "whisper_requests_total", status="500") == 0
 
 
-# Fair turns across requests, and a bounded queue (services/window_scheduler.py)
+# Fair turns across requests, and a bounded queue (services/whisper/window_scheduler.py)
 
 FAIR_QUEUE_WINDOWS = 11  # the 3-minute recording (7 chunks) and four short clips fit; two long ones do not
 
