@@ -96,7 +96,7 @@ def gpu_rules(t: Thresholds) -> list[Rule]:
         _alert(
             "GpuMemoryHigh",
             # Sampled by the CLIP and Whisper services after each batch (vLLM reserves its share up front).
-            f"max by (namespace, pod, gpu) (clip_gpu_memory_utilization_percent) > {t.gpu_memory_percent}",
+            f"max by (namespace, pod, gpu) (gpu_memory_used_percent) > {t.gpu_memory_percent}",
             "5m",
             "critical",
             f"GPU memory above {t.gpu_memory_percent:g}%",

@@ -95,8 +95,8 @@ def gpu(layout: _Layout) -> None:
     layout.row("GPU (CLIP and Whisper services)")
     gauge = {"options": {"reduceOptions": {"calcs": ["lastNotNull"]}}}
     for metric, title in (
-        ("clip_gpu_utilization_percent", "GPU utilisation"),
-        ("clip_gpu_memory_utilization_percent", "GPU memory"),
+        ("gpu_utilization_percent", "GPU utilisation"),
+        ("gpu_memory_used_percent", "GPU memory"),
     ):
         target = _target(f"max by (pod, gpu) ({metric}{{{NS}}})", "{{pod}} GPU {{gpu}}")
         panel = _panel("gauge", title, [target], "percent", **gauge)

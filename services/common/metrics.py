@@ -36,9 +36,19 @@ EMBEDDING_DURATION = Histogram(
 BATCH_SIZE = Histogram(
     "clip_batch_size", "Items per encoder batch", ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
+
+# The GPU, sampled by every model service that runs its model on one (CLIP and Whisper; vLLM has its own).
 # Labelled by GPU index, so a CPU-only host exports no GPU series at all rather than zeros.
-GPU_UTILIZATION = Gauge("clip_gpu_utilization_percent", "GPU utilisation", ["gpu"], multiprocess_mode="livemax")
-GPU_MEMORY = Gauge("clip_gpu_memory_utilization_percent", "GPU memory in use", ["gpu"], multiprocess_mode="livemax")
+GPU_UTILIZATION = Gauge("gpu_utilization_percent", "GPU utilisation", ["gpu"], multiprocess_mode="livemax")
+GPU_MEMORY = Gauge("gpu_memory_used_percent", "GPU memory in use", ["gpu"], multiprocess_mode="livemax")
+# The same values under the original design's names, which say CLIP although Whisper writes them too:
+# still exported for dashboards and alerts written against them.
+LEGACY_GPU_UTILIZATION = Gauge(
+    "clip_gpu_utilization_percent", "GPU utilisation (old name of gpu_utilization_percent)", ["gpu"], multiprocess_mode="livemax"
+)
+LEGACY_GPU_MEMORY = Gauge(
+    "clip_gpu_memory_utilization_percent", "GPU memory in use (old name of gpu_memory_used_percent)", ["gpu"], multiprocess_mode="livemax"
+)
 
 # Answers
 SIMILARITY = Histogram("clip_similarity_scores", "Image-text cosine similarities served", buckets=SIMILARITY_BUCKETS)
@@ -116,11 +126,15 @@ def record_gpu() -> None:
         return
     gpu = str(torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info()
-    GPU_MEMORY.labels(gpu).set(100.0 * (total - free) / total)
+    memory = 100.0 * (total - free) / total
+    for gauge in (GPU_MEMORY, LEGACY_GPU_MEMORY):
+        gauge.labels(gpu).set(memory)
     try:
-        GPU_UTILIZATION.labels(gpu).set(torch.cuda.utilization())
+        utilization = torch.cuda.utilization()
     except Exception:  # needs NVML, which some containers lack
-        pass
+        return
+    for gauge in (GPU_UTILIZATION, LEGACY_GPU_UTILIZATION):
+        gauge.labels(gpu).set(utilization)
 
 
 class RequestMetricsMiddleware:

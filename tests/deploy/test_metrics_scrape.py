@@ -20,9 +20,9 @@ from tests.deploy.manifests import checked_in, rendered
 from tests.deploy.promql import manifest_expressions, metric_names
 from tests.helpers import b64, chat_body, data_url, png_bytes, random_image
 
-# Sampled only where a GPU is (services.metrics.record_gpu returns early without CUDA, and the
+# Sampled only where a GPU is (services.common.metrics.record_gpu returns early without CUDA, and the
 # gauges are labelled by GPU index, so a CPU host exports no series of them at all).
-GPU_ONLY = {"clip_gpu_utilization_percent", "clip_gpu_memory_utilization_percent"}
+GPU_ONLY = {"gpu_utilization_percent", "gpu_memory_used_percent"}
 
 
 def test_metric_names_are_read_from_promql():
