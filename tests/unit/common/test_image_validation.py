@@ -51,7 +51,7 @@ def test_hostile_inputs_are_client_errors(value, status, code):
 
 
 def test_a_truncated_image_passes_the_header_check():
-    # Its pixels fail where they are decoded (tests/unit/test_clip_pixels.py).
+    # Its pixels fail where they are decoded (tests/unit/clip/test_pixels.py).
     truncated = png_bytes(random_image(2))[:200]
     assert read_image(b64(truncated), param="p", **LIMITS).data == truncated
 
