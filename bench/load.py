@@ -32,7 +32,9 @@ class LevelResult:
         return asdict(self)
 
 
-async def _clients(url: str, bodies: list[bytes], clients: int, offset: int, start: float, measure_from: float, stop: float):
+async def _clients(
+    url: str, bodies: list[bytes], clients: int, offset: int, start: float, measure_from: float, stop: float
+):
     import aiohttp
 
     latencies: list[float] = []

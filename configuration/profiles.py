@@ -27,7 +27,9 @@ class ModelSpec(BaseModel, frozen=True):
 
 TINY: dict[Family, ModelSpec] = {
     "clip": ModelSpec(family="clip", tag="tiny-clip", architecture="CLIPModel", source="generated"),
-    "llava": ModelSpec(family="llava", tag="tiny-llava", architecture="LlavaForConditionalGeneration", source="generated"),
+    "llava": ModelSpec(
+        family="llava", tag="tiny-llava", architecture="LlavaForConditionalGeneration", source="generated"
+    ),
     "whisper": ModelSpec(family="whisper", tag="tiny-whisper", architecture="openai-whisper", source="generated"),
 }
 
@@ -36,7 +38,10 @@ PRODUCTION: dict[Family, ModelSpec] = {
         family="clip", tag="clip-vit-large-patch14", architecture="CLIPModel", source="openai/clip-vit-large-patch14"
     ),
     "llava": ModelSpec(
-        family="llava", tag="llava-1.5-7b-hf", architecture="LlavaForConditionalGeneration", source="llava-hf/llava-1.5-7b-hf"
+        family="llava",
+        tag="llava-1.5-7b-hf",
+        architecture="LlavaForConditionalGeneration",
+        source="llava-hf/llava-1.5-7b-hf",
     ),
     "whisper": ModelSpec(family="whisper", tag="whisper-large-v3", architecture="openai-whisper", source="large-v3"),
 }

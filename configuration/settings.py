@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         validation_alias=_env("CLIP_MODEL", "MODEL_NAME"),
         description="Hugging Face id of the production CLIP model; the profile's default when unset.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; `auto` picks CUDA when present.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models run; `auto` picks CUDA when present."
+    )
 
     # Batching (BentoML adaptive batching on the model services)
     clip_max_batch_size: int = Field(
@@ -150,12 +152,16 @@ class Settings(BaseSettings):
         "pass it gets 429 with Retry-After. Two maximal requests, or ~100 of 2 MP.",
     )
     max_inputs_per_request: int = Field(256, ge=1, description="Most texts or images in one request.")
-    max_text_chars: int = Field(4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens).")
+    max_text_chars: int = Field(
+        4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens)."
+    )
     max_audio_bytes: int = Field(25 * 2**20, ge=1, description="Largest audio upload (OpenAI's 25 MB).")
     max_audio_seconds: float = Field(
         1800.0, gt=0, description="Longest audio accepted, in seconds; raise the request timeout with it."
     )
-    ffmpeg_timeout_seconds: float = Field(30.0, gt=0, description="Wall-clock limit for decoding one upload with ffmpeg.")
+    ffmpeg_timeout_seconds: float = Field(
+        30.0, gt=0, description="Wall-clock limit for decoding one upload with ffmpeg."
+    )
 
     # Embedding cache
     cache_backend: Literal["memory", "redis", "none"] = Field(
@@ -170,14 +176,20 @@ class Settings(BaseSettings):
     )
     query_cache_ttl_seconds: int = Field(86_400, ge=1, description="TTL of text (query) embeddings.")
     cache_max_entries: int = Field(50_000, ge=1, description="Entries kept by the in-process cache.")
-    redis_timeout_seconds: float = Field(0.25, gt=0, description="Socket timeout of Redis calls; a slow Redis is a miss.")
+    redis_timeout_seconds: float = Field(
+        0.25, gt=0, description="Socket timeout of Redis calls; a slow Redis is a miss."
+    )
     redis_retry_after_seconds: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long.")
 
     # LLaVA through vLLM (its OpenAI server runs inside the LLaVA service)
     llava_engine_port: int = Field(8000, description="Loopback port of the vLLM server inside the LLaVA service.")
-    llava_max_model_len: int = Field(2048, ge=64, description="Context length in tokens: prompt (image tokens included) plus completion.")
+    llava_max_model_len: int = Field(
+        2048, ge=64, description="Context length in tokens: prompt (image tokens included) plus completion."
+    )
     llava_max_num_seqs: int = Field(4, ge=1, description="Sequences vLLM batches at once (continuous batching).")
-    llava_max_tokens: int = Field(512, ge=1, description="Largest `max_tokens` a chat request may ask for (also the default).")
+    llava_max_tokens: int = Field(
+        512, ge=1, description="Largest `max_tokens` a chat request may ask for (also the default)."
+    )
     llava_max_images_per_request: int = Field(4, ge=1, description="Most images in one chat request.")
     llava_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     llava_cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on a CPU machine (VLLM_CPU_KVCACHE_SPACE).")
@@ -203,9 +215,13 @@ class Settings(BaseSettings):
         "`/livez`, `/readyz`, `/health`, `/ready` (and `/metrics`, see below) needs `Authorization: Bearer <key>`.",
     )
     api_keys_file: Path | None = Field(
-        None, description="A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; adds to `MULTIMODAL_API_KEYS`."
+        None,
+        description="A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; adds to `MULTIMODAL_API_KEYS`.",
     )
-    metrics_open: bool = Field(True, description="Serve `/metrics` without an API key even when keys are set; `false`: a scrape needs a key too.")
+    metrics_open: bool = Field(
+        True,
+        description="Serve `/metrics` without an API key even when keys are set; `false`: a scrape needs a key too.",
+    )
 
     @model_validator(mode="after")
     def _one_request_fits_in_flight(self) -> Settings:

@@ -181,7 +181,13 @@ def _probes(name: str) -> tuple[Probe, Probe, Probe]:
         return (
             Probe("/health", period_seconds=10, timeout_seconds=5, failure_threshold=startup_failures),
             Probe("/health", period_seconds=30, timeout_seconds=5, failure_threshold=3, initial_delay_seconds=60),
-            Probe(GATEWAY_READINESS_PATH, period_seconds=10, timeout_seconds=6, failure_threshold=3, initial_delay_seconds=30),
+            Probe(
+                GATEWAY_READINESS_PATH,
+                period_seconds=10,
+                timeout_seconds=6,
+                failure_threshold=3,
+                initial_delay_seconds=30,
+            ),
         )
     return (
         Probe("/readyz", period_seconds=10, timeout_seconds=5, failure_threshold=startup_failures),

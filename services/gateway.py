@@ -29,7 +29,13 @@ from configuration.settings import get_settings
 from services.clip import routes as clip_routes
 from services.common import metrics
 from services.common.auth import APIKeyMiddleware, document_bearer_auth
-from services.common.errors import APIError, document_errors_truthfully, error_response, error_responses, install_error_handlers
+from services.common.errors import (
+    APIError,
+    document_errors_truthfully,
+    error_response,
+    error_responses,
+    install_error_handlers,
+)
 from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from services.common.pixel_budget import PixelBudget
 from services.common.schemas import HealthResponse, ModelList, ModelObject, NotReadyResponse, ReadyResponse
@@ -68,7 +74,9 @@ ROUTE_FAMILIES = {route.path: family for family, router in ROUTERS.items() for r
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="Gateway", workers=settings.gateway_workers, traffic={"timeout": settings.request_timeout_seconds})
+@bentoml.service(
+    name="Gateway", workers=settings.gateway_workers, traffic={"timeout": settings.request_timeout_seconds}
+)
 class Gateway:
     # Only the enabled families' services are started (MULTIMODAL_FAMILIES), so a deployment
     # without a GPU for LLaVA, say, serves CLIP and Whisper alone.
@@ -123,10 +131,13 @@ class Gateway:
         self,
         family: Annotated[
             list[Family] | None,
-            Query(description="Families to ask about (repeat the parameter for several); every served family when unset."),
+            Query(
+                description="Families to ask about (repeat the parameter for several); every served family when unset."
+            ),
         ] = None,
         require: Annotated[
-            Literal["all", "any"], Query(description="`all`: ready when every family asked about is; `any`: when one is.")
+            Literal["all", "any"],
+            Query(description="`all`: ready when every family asked about is; `any`: when one is."),
         ] = "all",
     ) -> ReadyResponse | Response:
         """Readiness per family: each family's model service answers ready; 200 or 503 by `require`."""

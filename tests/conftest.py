@@ -157,7 +157,19 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
     if executable is None:
         pytest.fail("redis-server is not installed; `make test` installs it")
     port = free_port()
-    cmd = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    cmd = [
+        executable,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
     process = start(cmd, tmp_path / "redis.log")
     redis = Redis(f"redis://127.0.0.1:{port}/0", port, process)
     wait_until(lambda: redis.client().ping(), process, "redis-server", timeout=30)

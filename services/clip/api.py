@@ -31,13 +31,16 @@ from services.clip.protocol import (
     Usage,
 )
 
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
 
 
 class ClipAPI:
-    def __init__(self, embedder: ClipEmbedder, settings: Settings, pixels: PixelBudget, service_url: str | None = None) -> None:
+    def __init__(
+        self, embedder: ClipEmbedder, settings: Settings, pixels: PixelBudget, service_url: str | None = None
+    ) -> None:
         self.embedder, self.settings, self.pixels = embedder, settings, pixels
         self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
         self._probe = ServiceProbe("CLIP", service_url)

@@ -99,7 +99,9 @@ class ClipEmbedder:
                 encoded = await self._encode[kind]([items[i] for i in unique.values()])
             fresh = dict(zip(unique, encoded, strict=True))
             # An image that did not decode (a row of NaN) is not worth remembering.
-            await self._cache.set_many({key: row for key, row in fresh.items() if not np.isnan(row[0])}, self._ttl[kind])
+            await self._cache.set_many(
+                {key: row for key, row in fresh.items() if not np.isnan(row[0])}, self._ttl[kind]
+            )
             for i in missing:
                 found[i] = fresh[keys[i]]
         return np.stack(found).astype(np.float32, copy=False)

@@ -40,7 +40,9 @@ def smallest_fitting(sizes: Sequence[int], n: int) -> int:
 class _Shape:
     """Static input buffers of one shape and, when captured, the graph that reads them."""
 
-    def __init__(self, forward: Forward, inputs: dict[str, torch.Tensor], capture: bool, pool, warmups: int = 2) -> None:
+    def __init__(
+        self, forward: Forward, inputs: dict[str, torch.Tensor], capture: bool, pool, warmups: int = 2
+    ) -> None:
         self.forward, self.inputs, self.graph = forward, inputs, None
         if not capture:
             return
@@ -70,7 +72,13 @@ class GraphedImageTower:
     """``forward(pixel_values)`` on batches padded to captured sizes."""
 
     def __init__(
-        self, forward: Forward, image_size: int, largest_batch: int, device: torch.device, dtype: torch.dtype, capture: bool
+        self,
+        forward: Forward,
+        image_size: int,
+        largest_batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        capture: bool,
     ) -> None:
         self.sizes = batch_sizes(largest_batch)
         pool = torch.cuda.graph_pool_handle() if capture else None

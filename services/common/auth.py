@@ -53,7 +53,11 @@ class APIKeyMiddleware:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths or self.authorized(scope["headers"]):
+        if (
+            scope["type"] not in ("http", "websocket")
+            or scope["path"] in self.open_paths
+            or self.authorized(scope["headers"])
+        ):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
@@ -72,7 +76,9 @@ def document_bearer_auth(app: FastAPI, open_paths: frozenset[str]) -> None:
     """State the keys in the OpenAPI document: a bearer scheme on every operation but the open ones, and their 401."""
     build = app.openapi
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    unauthorized = {"401": {"description": "A valid API key is required (`Authorization: Bearer <key>`).", "content": error}}
+    unauthorized = {
+        "401": {"description": "A valid API key is required (`Authorization: Bearer <key>`).", "content": error}
+    }
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

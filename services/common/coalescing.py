@@ -23,7 +23,9 @@ Item = TypeVar("Item")
 
 
 class Coalescer(Generic[Item]):
-    def __init__(self, send: Callable[[list[Item]], Awaitable[np.ndarray]], max_items: int, max_in_flight: int = 2) -> None:
+    def __init__(
+        self, send: Callable[[list[Item]], Awaitable[np.ndarray]], max_items: int, max_in_flight: int = 2
+    ) -> None:
         self._send, self._max_items, self._max_in_flight = send, max_items, max_in_flight
         self._waiting: list[tuple[Item, asyncio.Future[np.ndarray]]] = []
         self._in_flight = 0

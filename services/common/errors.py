@@ -51,7 +51,9 @@ def is_timeout(exc: BaseException) -> bool:
 def check_model(requested: str, served: tuple[str, ...]) -> None:
     """404 unless ``requested`` names the route's model (its id or one of its aliases)."""
     if requested not in served:
-        raise APIError(404, f"model {requested!r} does not exist; see /v1/models", code="model_not_found", param="model")
+        raise APIError(
+            404, f"model {requested!r} does not exist; see /v1/models", code="model_not_found", param="model"
+        )
 
 
 def _error_type(status: int) -> str:
@@ -79,7 +81,10 @@ def error_response(
     extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
     """The one error shape; ``extra`` adds top-level keys beside ``error`` (never replaces it)."""
-    body: dict[str, Any] = {**(extra or {}), "error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+    body: dict[str, Any] = {
+        **(extra or {}),
+        "error": {"message": message, "type": _error_type(status), "param": param, "code": code},
+    }
     headers = dict(headers or {})
     if status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)

@@ -56,7 +56,9 @@ def is_public(address: Address) -> bool:
 
 class ForbiddenAddress(APIError):
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__(400, f"image URL {url!r} is not allowed: {reason}", code="image_url_forbidden", param="image_url")
+        super().__init__(
+            400, f"image URL {url!r} is not allowed: {reason}", code="image_url_forbidden", param="image_url"
+        )
 
 
 class _PinnedResolver(AbstractResolver):
@@ -65,7 +67,9 @@ class _PinnedResolver(AbstractResolver):
     def __init__(self, host: str, results: list[ResolveResult]) -> None:
         self._host, self._results = host, results
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         if host != self._host:
             raise OSError(f"unexpected host {host!r}")
         return self._results
@@ -107,21 +111,30 @@ class ImageFetcher:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):  # UnicodeError: a label IDNA refuses (over 63 characters, say)
-            raise APIError(400, f"image URL host {host!r} does not resolve", code="image_url_unreachable", param="image_url") from None
+            raise APIError(
+                400, f"image URL host {host!r} does not resolve", code="image_url_unreachable", param="image_url"
+            ) from None
         results: list[ResolveResult] = []
         for family, _, proto, _, sockaddr in infos:
             address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
             if not self._allowed_address(address):
                 raise ForbiddenAddress(url, f"{host} resolves to non-public address {address}")
             results.append(
-                ResolveResult(hostname=host, host=str(address), port=port, family=family, proto=proto, flags=socket.AI_NUMERICHOST)
+                ResolveResult(
+                    hostname=host, host=str(address), port=port, family=family, proto=proto, flags=socket.AI_NUMERICHOST
+                )
             )
         return results
 
     async def fetch(self, url: str) -> bytes:
         """The bytes at ``url``, or a 4xx APIError."""
         if not self.settings.image_fetch_enabled:
-            raise APIError(400, "remote image URLs are disabled; send the image as a base64 data: URL", code="image_url_disabled", param="image_url")
+            raise APIError(
+                400,
+                "remote image URLs are disabled; send the image as a base64 data: URL",
+                code="image_url_disabled",
+                param="image_url",
+            )
         timeout = aiohttp.ClientTimeout(total=self.settings.image_fetch_timeout_seconds)
         for _ in range(self.settings.image_fetch_max_redirects + 1):
             host, port = self._check_url(url)
@@ -134,10 +147,20 @@ class ImageFetcher:
                             url = urljoin(url, response.headers["Location"])
                             continue
                         if response.status != 200:
-                            raise APIError(400, f"image URL answered HTTP {response.status}", code="image_url_unreachable", param="image_url")
+                            raise APIError(
+                                400,
+                                f"image URL answered HTTP {response.status}",
+                                code="image_url_unreachable",
+                                param="image_url",
+                            )
                         return await self._read_capped(response)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise APIError(400, f"image URL could not be fetched: {exc or type(exc).__name__}", code="image_url_unreachable", param="image_url") from None
+                raise APIError(
+                    400,
+                    f"image URL could not be fetched: {exc or type(exc).__name__}",
+                    code="image_url_unreachable",
+                    param="image_url",
+                ) from None
         raise APIError(400, "image URL redirects too often", code="image_url_unreachable", param="image_url")
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:

@@ -105,7 +105,10 @@ def _load(
             width, height = image.size
             if width * height > max_pixels:
                 raise APIError(
-                    413, f"image is {width}x{height} pixels; at most {max_pixels} are accepted", code="image_too_large", param=param
+                    413,
+                    f"image is {width}x{height} pixels; at most {max_pixels} are accepted",
+                    code="image_too_large",
+                    param=param,
                 )
             if bomb_check is not None:
                 bomb_check.check(width, height, len(data), param=param)
@@ -115,7 +118,9 @@ def _load(
     except APIError:
         raise
     except UnidentifiedImageError:
-        raise APIError(400, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})", code="invalid_image", param=param) from None
+        raise APIError(
+            400, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})", code="invalid_image", param=param
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise APIError(413, "image has too many pixels", code="image_too_large", param=param) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
@@ -127,7 +132,9 @@ def check_image_bytes(data: bytes, *, param: str, max_pixels: int, bomb_check: B
     from the header alone."""
     image = _load(data, param=param, max_pixels=max_pixels, decode=False, bomb_check=bomb_check)
     width, height = image.size
-    return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest(), pixels=width * height, mime=Image.MIME[image.format])
+    return EncodedImage(
+        data=data, sha256=hashlib.sha256(data).hexdigest(), pixels=width * height, mime=Image.MIME[image.format]
+    )
 
 
 def read_image(

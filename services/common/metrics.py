@@ -21,11 +21,15 @@ SIMILARITY_BUCKETS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
 
 # Requests, by model family and the public route they came to: clip_requests_total, ...
 REQUESTS = {
-    family: Counter(f"{family}_requests_total", f"{family} requests by endpoint and HTTP status", ["endpoint", "status"])
+    family: Counter(
+        f"{family}_requests_total", f"{family} requests by endpoint and HTTP status", ["endpoint", "status"]
+    )
     for family in FAMILIES
 }
 REQUEST_DURATION = {
-    family: Histogram(f"{family}_request_duration_seconds", f"{family} request latency", ["endpoint"], buckets=LATENCY_BUCKETS)
+    family: Histogram(
+        f"{family}_request_duration_seconds", f"{family} request latency", ["endpoint"], buckets=LATENCY_BUCKETS
+    )
     for family in FAMILIES
 }
 
@@ -44,10 +48,16 @@ GPU_MEMORY = Gauge("gpu_memory_used_percent", "GPU memory in use", ["gpu"], mult
 # The same values under the original design's names, which say CLIP although Whisper writes them too:
 # still exported for dashboards and alerts written against them.
 LEGACY_GPU_UTILIZATION = Gauge(
-    "clip_gpu_utilization_percent", "GPU utilisation (old name of gpu_utilization_percent)", ["gpu"], multiprocess_mode="livemax"
+    "clip_gpu_utilization_percent",
+    "GPU utilisation (old name of gpu_utilization_percent)",
+    ["gpu"],
+    multiprocess_mode="livemax",
 )
 LEGACY_GPU_MEMORY = Gauge(
-    "clip_gpu_memory_utilization_percent", "GPU memory in use (old name of gpu_memory_used_percent)", ["gpu"], multiprocess_mode="livemax"
+    "clip_gpu_memory_utilization_percent",
+    "GPU memory in use (old name of gpu_memory_used_percent)",
+    ["gpu"],
+    multiprocess_mode="livemax",
 )
 
 # Answers
@@ -77,11 +87,15 @@ WHISPER_BATCH_DURATION = Histogram(
 )
 
 # Autoscaling signal: model calls accepted by this pod and not yet answered
-QUEUE_DEPTH = Gauge("queue_depth", "Requests waiting for or inside a model batch", ["model"], multiprocess_mode="livesum")
+QUEUE_DEPTH = Gauge(
+    "queue_depth", "Requests waiting for or inside a model batch", ["model"], multiprocess_mode="livesum"
+)
 
 # Decoded pixels admitted by the entry service and not yet answered (services/common/pixel_budget.py),
 # summed over its workers; and the requests refused for pixels, by status (413 request, 429 busy).
-PIXELS_IN_FLIGHT = Gauge("image_pixels_in_flight", "Image pixels sent on to a model service, not yet answered", multiprocess_mode="livesum")
+PIXELS_IN_FLIGHT = Gauge(
+    "image_pixels_in_flight", "Image pixels sent on to a model service, not yet answered", multiprocess_mode="livesum"
+)
 PIXEL_REFUSALS = Counter("image_pixel_refusals_total", "Requests refused by the pixel budgets", ["status"])
 
 _cache_counts = {"hit": 0, "miss": 0}

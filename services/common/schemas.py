@@ -25,7 +25,9 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
                 return found
     elif isinstance(value, dict):
         for key, item in value.items():
-            if (found := lone_surrogate_at(key, path) or lone_surrogate_at(item, f"{path}.{key}".lstrip("."))) is not None:
+            if (
+                found := lone_surrogate_at(key, path) or lone_surrogate_at(item, f"{path}.{key}".lstrip("."))
+            ) is not None:
                 return found
     return None
 
@@ -45,7 +47,9 @@ class StrictRequest(BaseModel):
 
 class ErrorDetail(BaseModel):
     message: str
-    type: str = Field(description="OpenAI's error class: invalid_request_error, not_found_error, rate_limit_error, server_error.")
+    type: str = Field(
+        description="OpenAI's error class: invalid_request_error, not_found_error, rate_limit_error, server_error."
+    )
     param: str | None = Field(description="The request field at fault, where one is.")
     code: str | None = Field(description="A machine-readable reason, e.g. invalid_image, image_too_large, overloaded.")
 

@@ -26,7 +26,14 @@ from services.common import metrics
 from services.llava.protocol import ChatCompletionRequest, ImagePart, TextPart
 from services.common.errors import APIError, check_model, error_response
 from services.common.image_fetch import ImageFetcher
-from services.common.image_validation import BombCheck, EncodedImage, check_image_bytes, decode_base64, is_data_url, verified_data_url
+from services.common.image_validation import (
+    BombCheck,
+    EncodedImage,
+    check_image_bytes,
+    decode_base64,
+    is_data_url,
+    verified_data_url,
+)
 from services.common.pixel_budget import PixelBudget
 from services.common.readiness import ReadinessGate, ServiceProbe, dependency_client
 
@@ -86,15 +93,21 @@ class LlavaAPI:
         with self.pixels.admit(sum(image.pixels for image in images), param="messages"):
             await self._verify_images(body, images)
             if self._client is None:
-                raise APIError(503, "the LLaVA service is not reachable in this mode; use `bentoml serve`", code="not_ready")
+                raise APIError(
+                    503, "the LLaVA service is not reachable in this mode; use `bentoml serve`", code="not_ready"
+                )
             await self._gate.ensure_ready()  # 503 now rather than a wait for a restarting engine
             with metrics.queued("llava"):
                 try:
-                    response = await self._client.send(self._client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
+                    response = await self._client.send(
+                        self._client.build_request("POST", "/v1/chat/completions", json=body), stream=True
+                    )
                 except httpx.TimeoutException:
                     raise APIError(504, "the LLaVA engine did not answer in time", code="timeout") from None
                 except httpx.TransportError as exc:
-                    raise APIError(503, f"the LLaVA engine is unavailable: {exc or type(exc).__name__}", code="overloaded") from None
+                    raise APIError(
+                        503, f"the LLaVA engine is unavailable: {exc or type(exc).__name__}", code="overloaded"
+                    ) from None
                 if response.status_code != 200:
                     error = _engine_error(response.status_code, await response.aread())
                     await response.aclose()
@@ -155,7 +168,9 @@ class LlavaAPI:
             data = await self.fetcher.fetch(url)
         else:
             raise APIError(400, "image_url must be a data: URL or an http(s) URL", code="invalid_image", param=param)
-        return check_image_bytes(data, param=param, max_pixels=self.settings.max_image_pixels, bomb_check=self.bomb_check)
+        return check_image_bytes(
+            data, param=param, max_pixels=self.settings.max_image_pixels, bomb_check=self.bomb_check
+        )
 
     async def _verify_images(self, body: dict, images: list[EncodedImage]) -> None:
         """Decode each image once (so vLLM never receives one that fails) and put it into ``body`` as a
@@ -163,7 +178,9 @@ class LlavaAPI:
         # Decoding is CPU work: off the event loop, so other requests keep moving meanwhile.
         urls = iter(
             [
-                await asyncio.to_thread(verified_data_url, image, param="image_url", max_pixels=self.settings.max_image_pixels)
+                await asyncio.to_thread(
+                    verified_data_url, image, param="image_url", max_pixels=self.settings.max_image_pixels
+                )
                 for image in images
             ]
         )

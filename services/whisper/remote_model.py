@@ -27,6 +27,7 @@ from services.whisper.window_scheduler import Ticket
 # transcribe would warn about that on every request.
 warnings.filterwarnings("ignore", message="Performing inference on CPU when CUDA is available")
 
+
 class RemoteWhisper:
     """Enough of ``whisper.model.Whisper`` for ``whisper.transcribe``, decoding in the Whisper service.
 

@@ -98,5 +98,7 @@ async def transcribe(
     """Upload audio (field `audio`, as the original design names it, or `file`), get its text and language."""
     upload = audio or file
     if upload is None:
-        raise APIError(400, "upload the audio in the multipart field `audio` (or `file`)", code="missing_file", param="audio")
+        raise APIError(
+            400, "upload the audio in the multipart field `audio` (or `file`)", code="missing_file", param="audio"
+        )
     return await _whisper().transcribe_upload(upload, language)

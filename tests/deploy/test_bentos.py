@@ -194,7 +194,9 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
 
 
 # services.clip.service imports services.clip.encoder when its model loads: all must come from the bento.
-@pytest.mark.parametrize("key, module", [("clip", "services.clip.service, services.clip.encoder"), ("llava-gpu", "services.llava.service")])
+@pytest.mark.parametrize(
+    "key, module", [("clip", "services.clip.service, services.clip.encoder"), ("llava-gpu", "services.llava.service")]
+)
 def test_model_bento_imports_from_its_own_files(bentos: dict[str, Built], key: str, module: str) -> None:
     """A hand-picked include list is complete: the service imports from the bento's src alone."""
     src = bentos[key].path / "src"

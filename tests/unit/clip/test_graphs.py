@@ -50,13 +50,23 @@ def test_padded_image_batches_equal_unpadded(clip) -> None:
 @torch.inference_mode()
 def test_padded_text_batches_equal_unpadded(clip) -> None:
     model, processor = clip
-    texts = ["a photo of a cat", "a dog", "three red apples on a table", "snow", "a very long description of a red bicycle leaning on a wall", "x", "two birds"]
+    texts = [
+        "a photo of a cat",
+        "a dog",
+        "three red apples on a table",
+        "snow",
+        "a very long description of a red bicycle leaning on a wall",
+        "x",
+        "two birds",
+    ]
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     max_length = min(processor.tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
-    tower = GraphedTextTower(forward, max_length, processor.tokenizer.pad_token_id, largest_batch=4, device=CPU, capture=False)
+    tower = GraphedTextTower(
+        forward, max_length, processor.tokenizer.pad_token_id, largest_batch=4, device=CPU, capture=False
+    )
     # A first call of longer texts leaves its tokens in the buffers: the next must not see them.
     longer = processor(text=[max(texts, key=len)] * 4, return_tensors="pt", padding=True, truncation=True)
     tower(longer["input_ids"], longer["attention_mask"])
@@ -66,4 +76,6 @@ def test_padded_text_batches_equal_unpadded(clip) -> None:
     # Each text alone, unpadded: what transformers' documentation computes
     for i, text in enumerate(texts):
         alone = processor(text=[text], return_tensors="pt")
-        torch.testing.assert_close(padded[i], forward(alone["input_ids"], alone["attention_mask"])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            padded[i], forward(alone["input_ids"], alone["attention_mask"])[0], atol=1e-5, rtol=1e-5
+        )

@@ -18,7 +18,9 @@ def client(metrics_open: bool = True) -> TestClient:
     async def ok(_request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
-    app = Starlette(routes=[Route(path, ok) for path in ("/search", "/metrics", "/health", "/livez", "/readyz", "/ready")])
+    app = Starlette(
+        routes=[Route(path, ok) for path in ("/search", "/metrics", "/health", "/livez", "/readyz", "/ready")]
+    )
     return TestClient(APIKeyMiddleware(app, keys=["k1", "k2"], metrics_open=metrics_open))
 
 

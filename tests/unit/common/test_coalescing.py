@@ -43,7 +43,9 @@ def test_concurrent_requests_share_calls_and_get_only_their_own_rows():
     for r, rows in enumerate(results):
         assert rows[:, 0].tolist() == [10 * r, 10 * r + 1, 10 * r + 2]
     assert len(model.calls) == 2  # the first request alone, then the 19 that queued behind it
-    assert sorted(item for call in model.calls for item in call) == sorted(10 * r + i for r in range(20) for i in range(3))
+    assert sorted(item for call in model.calls for item in call) == sorted(
+        10 * r + i for r in range(20) for i in range(3)
+    )
 
 
 def test_calls_never_exceed_max_items():

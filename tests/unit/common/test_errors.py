@@ -40,7 +40,17 @@ def app_raising(exc: Exception) -> TestClient:
         (ServiceUnavailable("process is overloaded"), 503, "overloaded"),
         (APIError(429, "slow down", code="rate_limit_exceeded"), 429, "rate_limit_exceeded"),
     ],
-    ids=["write error", "protocol error", "broken pipe", "reset", "disconnected", "aiohttp reset", "cut answer", "batcher overloaded", "rate limited"],
+    ids=[
+        "write error",
+        "protocol error",
+        "broken pipe",
+        "reset",
+        "disconnected",
+        "aiohttp reset",
+        "cut answer",
+        "batcher overloaded",
+        "rate limited",
+    ],
 )
 def test_retryable_errors_carry_retry_after(exc, status, code):
     response = app_raising(exc).get("/")

@@ -25,7 +25,9 @@ def test_internal_addresses_are_not_public(address):
     assert not is_public(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "::ffff:8.8.8.8"]
+)
 def test_public_addresses_are_public(address):
     assert is_public(ipaddress.ip_address(address))
 
@@ -45,7 +47,9 @@ def test_only_http_and_https_with_a_host(url):
     assert fetch(Settings(image_fetch_enabled=True), url).code == "image_url_forbidden"
 
 
-@pytest.mark.parametrize("url", ["http://[::1/x", "http://" + "a" * 64 + ".example/cat.png"], ids=["unbalanced bracket", "label over 63"])
+@pytest.mark.parametrize(
+    "url", ["http://[::1/x", "http://" + "a" * 64 + ".example/cat.png"], ids=["unbalanced bracket", "label over 63"]
+)
 def test_malformed_urls_and_hosts_are_400(url):
     error = fetch(Settings(image_fetch_enabled=True), url)
     assert error.status == 400 and error.code in ("image_url_forbidden", "image_url_unreachable")

@@ -144,7 +144,12 @@ def test_the_6324_square_palette_bomb_is_413_under_the_per_image_cap():
     assert (refused.value.status, refused.value.code) == (413, "image_too_large")
     assert "decompression bomb" in refused.value.message
     # Without the check it passed (the defect): only the ratio tells it from a photograph.
-    assert read_image(data_url(bomb), param="image_data", max_bytes=DEFAULTS.max_image_bytes, max_pixels=DEFAULTS.max_image_pixels).pixels == 6324 * 6324
+    assert (
+        read_image(
+            data_url(bomb), param="image_data", max_bytes=DEFAULTS.max_image_bytes, max_pixels=DEFAULTS.max_image_pixels
+        ).pixels
+        == 6324 * 6324
+    )
 
 
 @pytest.mark.parametrize("quality", [95, 60])
@@ -176,7 +181,9 @@ def test_small_flat_images_skip_the_ratio_check():
 
 def chat_request(*urls: str) -> ChatCompletionRequest:
     content = [part for url in urls for part in image_chat(url)[0]["content"][:1]] + [{"type": "text", "text": "what?"}]
-    return ChatCompletionRequest.model_validate({"model": "tiny-llava", "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+    return ChatCompletionRequest.model_validate(
+        {"model": "tiny-llava", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
+    )
 
 
 def llava(budget: PixelBudget) -> LlavaAPI:

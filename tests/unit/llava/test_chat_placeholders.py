@@ -7,7 +7,9 @@ import pytest
 from services.llava.api import IMAGE_PLACEHOLDER, without_placeholders
 
 
-@pytest.mark.parametrize("text", ["<image>", "a <image> b", "<<image>image>", "<<<image>image>image>", "<im<image>age>x"])
+@pytest.mark.parametrize(
+    "text", ["<image>", "a <image> b", "<<image>image>", "<<<image>image>image>", "<im<image>age>x"]
+)
 def test_no_placeholder_survives(text):
     assert IMAGE_PLACEHOLDER not in without_placeholders(text)
 

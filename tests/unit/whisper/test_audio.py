@@ -16,7 +16,9 @@ from services.common.errors import APIError
 from tests.helpers import png_bytes, random_image
 
 LIMITS = AudioLimits(max_bytes=5_000_000, max_seconds=60.0, ffmpeg_timeout_seconds=30.0)
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed; `make test` installs it")
+needs_ffmpeg = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None, reason="ffmpeg is not installed; `make test` installs it"
+)
 
 
 def tone(seconds: float, rate: int = SAMPLE_RATE, frequency: float = 440.0) -> np.ndarray:
@@ -95,7 +97,12 @@ def test_wav_with_no_samples_is_empty():
         ("zero bytes", b"", 400, "empty_file"),
         ("png", png_bytes(random_image(0)), 415, "unsupported_media_type"),
         ("text", b"hello, I am not audio at all" * 10, 415, "unsupported_media_type"),
-        ("random bytes", bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8)), 415, "unsupported_media_type"),
+        (
+            "random bytes",
+            bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8)),
+            415,
+            "unsupported_media_type",
+        ),
         ("wav header on junk", b"RIFF\x24\x00\x00\x00WAVEjunkjunkjunkjunk", 400, "invalid_audio"),
     ],
 )
@@ -135,7 +142,9 @@ def test_mp3_decodes_to_exactly_what_whisper_load_audio_gives(tmp_path):
 
 
 @needs_ffmpeg
-@pytest.mark.parametrize("suffix,args", [("ogg", ["-c:a", "libvorbis"]), ("m4a", ["-c:a", "aac"]), ("webm", ["-c:a", "libopus"])])
+@pytest.mark.parametrize(
+    "suffix,args", [("ogg", ["-c:a", "libvorbis"]), ("m4a", ["-c:a", "aac"]), ("webm", ["-c:a", "libopus"])]
+)
 def test_ogg_m4a_and_webm_decode_through_ffmpeg(tmp_path, suffix, args):
     data = ffmpeg_encode(encoded(tone(1.0)), tmp_path, suffix, *args)
     decoded = decode_audio(data, LIMITS)
@@ -161,7 +170,17 @@ def test_corrupt_and_streamless_files_are_4xx(tmp_path):
         decode_audio(b"ID3" + bytes(np.random.default_rng(4).integers(0, 256, 2000, dtype=np.uint8)), LIMITS)
     assert raised.value.status == 400
     subprocess.run(
-        ["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "color=black:s=16x16:d=1", str(tmp_path / "video.webm")],
+        [
+            "ffmpeg",
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=black:s=16x16:d=1",
+            str(tmp_path / "video.webm"),
+        ],
         check=True,
     )
     raises((tmp_path / "video.webm").read_bytes(), 415, "unsupported_media_type")
