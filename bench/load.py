@@ -53,7 +53,7 @@ async def _clients(
                         await response.read()
                         status = str(response.status)
                         no_retry_after = response.status in (429, 503) and "Retry-After" not in response.headers
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status, no_retry_after = type(exc).__name__, False
                 if sent >= measure_from:
                     latencies.append(time.time() - sent)

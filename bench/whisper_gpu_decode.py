@@ -87,13 +87,18 @@ def main() -> None:
     results["fp16_weights_batch1_windows_per_s"] = 1 / seconds
     for batch in (4, 16, 32):
         languages = [LANGUAGES[i % len(LANGUAGES)] for i in range(batch)]
-        seconds, _ = timed(lambda: MixedLanguageTask(model, options("en"), languages).run(mels[:batch]))
+        seconds, _ = timed(
+            lambda languages=languages, batch=batch: MixedLanguageTask(model, options("en"), languages).run(
+                mels[:batch]
+            )
+        )
         results[f"fp16_weights_batch{batch}_mixed_languages_windows_per_s"] = batch / seconds
 
     languages = [LANGUAGES[i % len(LANGUAGES)] for i in range(16)]
     batched = MixedLanguageTask(model, options("en"), languages).run(mels[:16])
     alone = [whisper.decode(model, mels[i], options(languages[i])) for i in range(16)]
-    results["batch16_windows_with_identical_tokens"] = sum(a.tokens == b.tokens for a, b in zip(alone, batched))
+    identical = sum(a.tokens == b.tokens for a, b in zip(alone, batched, strict=True))
+    results["batch16_windows_with_identical_tokens"] = identical
 
     print(json.dumps(results, indent=1))
     if args.out:

@@ -15,8 +15,8 @@ import argparse
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import bentoml
 from tqdm import tqdm

@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     clip_workers: int = Field(
         1,
         ge=1,
-        description="CLIP service processes (each with the model) sharing the device: one's CPU work overlaps another's GPU work.",
+        description=(
+            "CLIP service processes (each with the model) sharing the device: "
+            "one's CPU work overlaps another's GPU work."
+        ),
     )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
     clip_calls_in_flight: int = Field(
@@ -216,7 +219,10 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         None,
-        description="A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; adds to `MULTIMODAL_API_KEYS`.",
+        description=(
+            "A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; "
+            "adds to `MULTIMODAL_API_KEYS`."
+        ),
     )
     metrics_open: bool = Field(
         True,

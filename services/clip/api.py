@@ -12,12 +12,7 @@ import base64
 import numpy as np
 
 from configuration.settings import Settings
-from services.common import metrics
 from services.clip.embedder import ClipEmbedder
-from services.common.errors import APIError, check_model
-from services.common.image_validation import BombCheck, EncodedImage, is_image_data_url, read_image
-from services.common.pixel_budget import PixelBudget
-from services.common.readiness import ServiceProbe
 from services.clip.protocol import (
     ClassifyRequest,
     ClassifyResponse,
@@ -30,6 +25,11 @@ from services.clip.protocol import (
     SearchResponse,
     Usage,
 )
+from services.common import metrics
+from services.common.errors import APIError, check_model
+from services.common.image_validation import BombCheck, EncodedImage, is_image_data_url, read_image
+from services.common.pixel_budget import PixelBudget
+from services.common.readiness import ServiceProbe
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ class ClipAPI:
                 self.embedder.embed_texts(prompts),
             )
         probabilities = _softmax(card.logit_scale * (text_vectors @ image_vectors[0]))
-        ranked = sorted(zip(request.labels, probabilities.tolist()), key=lambda pair: -pair[1])
+        ranked = sorted(zip(request.labels, probabilities.tolist(), strict=True), key=lambda pair: -pair[1])
         return ClassifyResponse(
             predictions=[LabelProbability(label=label, probability=p) for label, p in ranked],
             best_label=ranked[0][0],

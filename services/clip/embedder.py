@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from configuration.settings import Settings
-from services.common import metrics
 from services.clip.cache import EmbeddingCache, Kind, ModelVersion
 from services.clip.protocol import ClipModelCard, split_text_rows
+from services.common import metrics
+from services.common.card_cache import LazyCardCache
 from services.common.coalescing import Coalescer
 from services.common.errors import CONNECTION_ERRORS, APIError, is_timeout
 from services.common.image_validation import EncodedImage
-from services.common.card_cache import LazyCardCache
 
 log = logging.getLogger(__name__)
 

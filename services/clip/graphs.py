@@ -135,7 +135,7 @@ class GraphedTextTower:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         length = smallest_fitting(self.lengths, input_ids.shape[1])
         parts = []
-        for ids, mask in zip(input_ids.split(self.sizes[-1]), attention_mask.split(self.sizes[-1])):
+        for ids, mask in zip(input_ids.split(self.sizes[-1]), attention_mask.split(self.sizes[-1]), strict=True):
             rows = len(ids)
             shape = self._shapes[(smallest_fitting(self.sizes, rows), length)]
             with self._lock:

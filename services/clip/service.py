@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.clip.protocol import ClipModelCard

@@ -141,19 +141,21 @@ class ImageFetcher:
             resolver = _PinnedResolver(host, await self._resolve_checked(url, host, port))
             connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=1)
             try:
-                async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
-                    async with session.get(url, allow_redirects=False) as response:
-                        if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                            url = urljoin(url, response.headers["Location"])
-                            continue
-                        if response.status != 200:
-                            raise APIError(
-                                400,
-                                f"image URL answered HTTP {response.status}",
-                                code="image_url_unreachable",
-                                param="image_url",
-                            )
-                        return await self._read_capped(response)
+                async with (
+                    aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session,
+                    session.get(url, allow_redirects=False) as response,
+                ):
+                    if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                        url = urljoin(url, response.headers["Location"])
+                        continue
+                    if response.status != 200:
+                        raise APIError(
+                            400,
+                            f"image URL answered HTTP {response.status}",
+                            code="image_url_unreachable",
+                            param="image_url",
+                        )
+                    return await self._read_capped(response)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise APIError(
                     400,

@@ -23,7 +23,6 @@ from starlette.responses import Response, StreamingResponse
 
 from configuration.settings import Settings
 from services.common import metrics
-from services.llava.protocol import ChatCompletionRequest, ImagePart, TextPart
 from services.common.errors import APIError, check_model, error_response
 from services.common.image_fetch import ImageFetcher
 from services.common.image_validation import (
@@ -36,6 +35,7 @@ from services.common.image_validation import (
 )
 from services.common.pixel_budget import PixelBudget
 from services.common.readiness import ReadinessGate, ServiceProbe, dependency_client
+from services.llava.protocol import ChatCompletionRequest, ImagePart, TextPart
 
 # LLaVA-1.5's image placeholder: typed by a user it would claim image slots that no image
 # fills, so it is removed from text (the chat template inserts one per image part).

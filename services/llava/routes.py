@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **MODEL_ROUTE_ERRORS,
     200: {
-        "description": "A chat completion; with `stream: true`, server-sent events (`data: {...}` lines, then `data: [DONE]`).",
+        "description": (
+            "A chat completion; with `stream: true`, server-sent events (`data: {...}` lines, then `data: [DONE]`)."
+        ),
         "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
     },
 }

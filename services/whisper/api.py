@@ -4,9 +4,10 @@ How a request is transcribed
 ----------------------------
 Each request runs openai-whisper's own ``whisper.transcribe`` (seeking, timestamp rules,
 no-speech and fallback thresholds, language detection, word timestamps) on a worker thread,
-against ``RemoteWhisper`` (``services.whisper.remote_model``): a stand-in for the model whose ``decode`` and ``detect_language``
-send the window to the Whisper service (``services.whisper.service``), where BentoML's adaptive
-batcher merges it with every other request's windows into one batched forward pass. So
+against ``RemoteWhisper`` (``services.whisper.remote_model``): a stand-in for the model whose
+``decode`` and ``detect_language`` send the window to the Whisper service
+(``services.whisper.service``), where BentoML's adaptive batcher merges it with every other
+request's windows into one batched forward pass. So
 for audio up to 30 s the answer *is* ``model.transcribe(audio, temperature=0,
 condition_on_previous_text=False)`` on the same weights, only decoded in company.
 
@@ -70,12 +71,11 @@ from whisper.utils import WriteSRT, WriteVTT
 
 from configuration.settings import Settings
 from services.common import metrics
-from services.whisper.audio_decoding import AudioLimits, DecodedAudio, decode_audio
-from services.common.errors import APIError, check_model
-from services.whisper.chunking import plan_chunks, stitch
 from services.common.card_cache import LazyCardCache
+from services.common.errors import APIError, check_model
 from services.common.readiness import ServiceProbe
-from services.whisper.remote_model import RemoteWhisper
+from services.whisper.audio_decoding import AudioLimits, DecodedAudio, decode_audio
+from services.whisper.chunking import plan_chunks, stitch
 from services.whisper.protocol import (
     AudioUsage,
     Granularity,
@@ -87,6 +87,7 @@ from services.whisper.protocol import (
     TranscriptionWord,
     WhisperModelCard,
 )
+from services.whisper.remote_model import RemoteWhisper
 from services.whisper.window_scheduler import QueueFull, Ticket, TooManyWindows, WindowScheduler
 
 MODEL_ALIASES = ("whisper-1", "whisper")  # what OpenAI clients send

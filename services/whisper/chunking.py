@@ -44,7 +44,7 @@ def stitch(chunks: list[tuple[int, int]], results: list[dict[str, Any]], duratio
     """Segments (and their words) of every chunk on one time line, clamped and non-decreasing."""
     segments: list[dict[str, Any]] = []
     last_start = last_word_start = 0.0
-    for (begin, end), result in zip(chunks, results):
+    for (begin, end), result in zip(chunks, results, strict=True):
         offset, limit = begin / SAMPLE_RATE, min(end / SAMPLE_RATE, duration)
         for segment in result["segments"]:
             if not segment["text"].strip():

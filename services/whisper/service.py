@@ -134,7 +134,7 @@ class Whisper:
             languages = [jobs[i].options.get("language") for i in indices]
             with self._lock, torch.no_grad():
                 decoded = self._decode(self._mels([jobs[i].mel for i in indices]), options, languages)
-            for i, result in zip(indices, decoded):
+            for i, result in zip(indices, decoded, strict=True):
                 results[i] = WindowResult(
                     language=result.language,
                     tokens=result.tokens,

@@ -9,7 +9,6 @@ The server's caps are ``tests.conftest.HARDENED_LIMITS``, so that each is reache
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import struct
@@ -367,7 +366,9 @@ CASES: dict[str, Case] = {
 }
 # Defects this corpus found that are not fixed here: strict, so a fix shows as a passing xfail.
 KNOWN_DEFECTS = {
-    "unknown route": "BentoML's outer router answers a path no service has with its own text/plain 404, not the error shape",
+    "unknown route": (
+        "BentoML's outer router answers a path no service has with its own text/plain 404, not the error shape"
+    ),
 }
 
 

@@ -178,7 +178,7 @@ def test_photograph_embeddings_equal_transformers(request, reference, path):
     assert response.status_code == 200, response.text
     got = np.array([d["embedding"] for d in response.json()["data"]])
     expected = np.stack([reference.encoded_image_embedding(data) for data in inputs.values()])
-    for name, row, want in zip(inputs, got, expected):
+    for name, row, want in zip(inputs, got, expected, strict=True):
         np.testing.assert_allclose(row, want, atol=TOLERANCE, err_msg=name)
     assert (got * expected).sum(axis=1).min() >= 0.9999  # cosine: both sides are unit vectors
 
@@ -200,7 +200,7 @@ def test_an_undecodable_image_fails_only_its_own_request(uncached_server, refere
         "param": "input[0]",
         "code": "invalid_image",
     }
-    for response, photo in zip(responses[1:], photos):
+    for response, photo in zip(responses[1:], photos, strict=True):
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(
             response.json()["data"][1]["embedding"], reference.encoded_image_embedding(photo), atol=TOLERANCE

@@ -140,7 +140,8 @@ async def run_load(
     max_requests: int,
     during: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Outcome]:
-    """``clients`` loops sending ``request`` until ``seconds`` pass or ``max_requests`` are sent; ``during`` runs meanwhile."""
+    """``clients`` loops sending ``request`` until ``seconds`` pass or ``max_requests`` are sent; ``during`` runs
+    meanwhile."""
     outcomes: list[Outcome] = []
     deadline = time.monotonic() + seconds
     counter = iter(range(max_requests))
@@ -304,5 +305,6 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
     except subprocess.TimeoutExpired:
         pytest.fail(f"bentoml serve still running 60 s after SIGTERM:\n{server.process.log_tail()}")
     print(
-        f"late request: {refused}; exited {time.monotonic() - signalled:.1f} s after SIGTERM, code {server.process.popen.returncode}"
+        f"late request: {refused}; exited {time.monotonic() - signalled:.1f} s after SIGTERM, "
+        f"code {server.process.popen.returncode}"
     )

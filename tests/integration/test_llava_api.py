@@ -142,13 +142,37 @@ def test_vllm_metrics_appear_on_the_product_metrics(server, client):
     "name,messages,options,error,code",
     [
         ("too many images", image_chat(data_url(IMAGE)) * 5, {}, openai.BadRequestError, "too_many_images"),
-        ("over-large image", image_chat(data_url(png_header_only(20_000, 20_000))), {}, openai.APIStatusError, "image_too_large"),
+        (
+            "over-large image",
+            image_chat(data_url(png_header_only(20_000, 20_000))),
+            {},
+            openai.APIStatusError,
+            "image_too_large",
+        ),
         ("undecodable image", image_chat("data:image/png;base64,AAAA"), {}, openai.BadRequestError, "invalid_image"),
-        ("prompt longer than the context", [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}], {}, openai.BadRequestError, "context_length_exceeded"),
-        ("max_tokens over the limit", [{"role": "user", "content": "hi"}], {"max_tokens": 100_000}, openai.BadRequestError, "invalid_value"),
-        ("remote fetching of a file: URL", image_chat("file:///etc/passwd"), {}, openai.BadRequestError, "invalid_image"),
+        (
+            "prompt longer than the context",
+            [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}],
+            {},
+            openai.BadRequestError,
+            "context_length_exceeded",
+        ),
+        (
+            "max_tokens over the limit",
+            [{"role": "user", "content": "hi"}],
+            {"max_tokens": 100_000},
+            openai.BadRequestError,
+            "invalid_value",
+        ),
+        (
+            "remote fetching of a file: URL",
+            image_chat("file:///etc/passwd"),
+            {},
+            openai.BadRequestError,
+            "invalid_image",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_requests_are_4xx_in_the_error_shape(client, name, messages, options, error, code):
     with pytest.raises(error) as raised:
         client.chat.completions.create(model="tiny-llava", messages=messages, **{"max_tokens": 4, **options})

@@ -162,7 +162,7 @@ def test_every_response_format_through_the_openai_sdk(client, speech):
     assert [c.index for c in cues] == list(range(1, len(verbose.segments) + 1))
     assert [c.content for c in cues] == [s.text.strip() for s in verbose.segments]
     assert_timeline([(c.start.total_seconds(), c.end.total_seconds()) for c in cues], duration)
-    for cue, segment in zip(cues, verbose.segments):
+    for cue, segment in zip(cues, verbose.segments, strict=True):
         assert cue.start.total_seconds() == pytest.approx(segment.start, abs=0.001)
 
     captions = webvtt.from_string(create("vtt"))
@@ -480,7 +480,7 @@ def test_short_clips_finish_before_a_long_recording_sent_first(fair_server, spee
 
     with ThreadPoolExecutor(max_workers=1 + len(shorts)) as pool:
         long = start_long_upload(pool, fair_server, speech, finished)
-        short_responses = dict(zip(shorts, pool.map(short, shorts)))
+        short_responses = dict(zip(shorts, pool.map(short, shorts), strict=True))
         long_response = long.result()
 
     assert long_response.status_code == 200, long_response.text

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from services.whisper.audio_decoding import SAMPLE_RATE, AudioLimits, decode_audio, sniff_format
 from services.common.errors import APIError
+from services.whisper.audio_decoding import SAMPLE_RATE, AudioLimits, decode_audio, sniff_format
 from tests.helpers import png_bytes, random_image
 
 LIMITS = AudioLimits(max_bytes=5_000_000, max_seconds=60.0, ffmpeg_timeout_seconds=30.0)
@@ -207,11 +207,11 @@ def test_long_recordings_are_cut_in_the_pause_before_30_seconds():
         speech[int(pause * SAMPLE_RATE) : int((pause + 0.4) * SAMPLE_RATE)] = 0
     chunks = plan_chunks(speech)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(speech)
-    assert all(end == next_start for (_, end), (next_start, _) in zip(chunks, chunks[1:]))
+    assert all(end == next_start for (_, end), (next_start, _) in zip(chunks, chunks[1:], strict=False))
     assert all(0 < end - start <= 30 * SAMPLE_RATE for start, end in chunks)
     cuts = [end / SAMPLE_RATE for _, end in chunks[:-1]]
     assert len(cuts) == 3
-    for cut, pause in zip(cuts, pauses):
+    for cut, pause in zip(cuts, pauses, strict=True):
         assert pause <= cut <= pause + 0.4, (cut, pause)
 
 

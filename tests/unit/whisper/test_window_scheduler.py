@@ -102,9 +102,8 @@ def test_admission_is_bounded_by_windows_queued():
 def test_a_failed_window_fails_its_caller_and_frees_its_slot():
     async def scenario() -> None:
         scheduler, model = WindowScheduler(max_in_flight=1, max_queued=10), Model()
-        with scheduler.admit(1) as ticket:
-            with pytest.raises(RuntimeError, match="bad1 failed"):
-                await ticket.run(model.window("bad1", fail=True))
+        with scheduler.admit(1) as ticket, pytest.raises(RuntimeError, match="bad1 failed"):
+            await ticket.run(model.window("bad1", fail=True))
         with scheduler.admit(1) as ticket:
             assert await ticket.run(model.window("good1")) == "decoded good1"
         assert scheduler.in_flight == 0
