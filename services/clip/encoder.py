@@ -45,7 +45,8 @@ class ClipEncoder:
     def __init__(self, path: Path, device: torch.device, options: EncoderOptions = EncoderOptions()) -> None:
         self.device, self.options = device, options
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.model = CLIPModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa").to(device).eval()
+        # transformers declares .to with functools.wraps(Module.to), which mypy reads as an unbound method.
+        self.model = CLIPModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa").to(device).eval()  # type: ignore[arg-type]
         self.processor = CLIPProcessor.from_pretrained(path)
         self.pixels = PixelPreprocessor(
             self.processor.image_processor, device, self.dtype, options.preprocessing, options.decode_threads

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ class PixelPreprocessor:
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="clip-decode")
 
     def __call__(self, encoded: list[bytes]) -> PixelBatch:
+        images: list[Image.Image | None] | list[torch.Tensor | None]
+        options: dict[str, Any]
         if self.mode == "reference":
             images = list(self._pool.map(_pillow_rgb, encoded))
             options = {}
@@ -74,8 +76,8 @@ class PixelPreprocessor:
         decoded = [i for i, image in enumerate(images) if image is not None]
         if not decoded:
             return PixelBatch(torch.empty(0), decoded)
-        pixels = self.image_processor(images=[images[i] for i in decoded], return_tensors="pt", **options)["pixel_values"]
-        return PixelBatch(pixels.to(self.device, self.dtype), decoded)
+        processed = self.image_processor(images=[images[i] for i in decoded], return_tensors="pt", **options)
+        return PixelBatch(processed["pixel_values"].to(self.device, self.dtype), decoded)
 
     def _decode_on_device(self, encoded: list[bytes]) -> list[torch.Tensor | None]:
         tensors: list[torch.Tensor | None] = [None] * len(encoded)
@@ -88,10 +90,10 @@ class PixelPreprocessor:
                 # One bad or unsupported JPEG (CMYK, say) fails the whole batched call: decode one
                 # by one, and let Pillow try what the device decoder refuses.
                 decoded = [self._decode_one_jpeg(data) for data in raw]
-            for i, tensor in zip(jpegs, decoded):
+            for i, tensor in zip(jpegs, decoded, strict=True):
                 tensors[i] = tensor
         rest = [i for i, tensor in enumerate(tensors) if tensor is None]
-        for i, image in zip(rest, self._pool.map(_pillow_rgb, [encoded[i] for i in rest])):
+        for i, image in zip(rest, self._pool.map(_pillow_rgb, [encoded[i] for i in rest]), strict=True):
             if image is not None:
                 tensors[i] = _chw(image).to(self.device, non_blocking=True)
         return tensors
