@@ -263,7 +263,7 @@ def settings_table() -> str:
         alias = field.validation_alias
         names = list(alias.choices) if isinstance(alias, AliasChoices) else [PREFIX + name.upper()]
         names = list(dict.fromkeys(str(n) for n in names))
-        value = field.default_factory() if field.default_factory else field.default
+        value = field.get_default(call_default_factory=True)
         default = "unset" if value is None or value == [] else f"`{value}`"
         rows.append(f"| {' / '.join(f'`{n}`' for n in names)} | {default} | {field.description} |")
     return "\n".join(rows)

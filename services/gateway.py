@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import bentoml
 from fastapi import APIRouter, FastAPI, Query
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from configuration.families import Family
@@ -37,6 +38,7 @@ from services.common.errors import (
     install_error_handlers,
 )
 from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
+from services.common.model_service import as_service
 from services.common.pixel_budget import PixelBudget
 from services.common.schemas import HealthResponse, ModelList, ModelObject, NotReadyResponse, ReadyResponse
 from services.llava import routes as llava_routes
@@ -70,7 +72,9 @@ ROUTERS: dict[Family, APIRouter] = {
 }
 for router in ROUTERS.values():
     app.include_router(router)
-ROUTE_FAMILIES = {route.path: family for family, router in ROUTERS.items() for route in router.routes}
+ROUTE_FAMILIES = {
+    route.path: family for family, router in ROUTERS.items() for route in router.routes if isinstance(route, APIRoute)
+}
 
 
 @bentoml.asgi_app(app, path="/")
@@ -93,11 +97,11 @@ class Gateway:
         pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
         if "clip" in settings.families:
             self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
-            self.families["clip"] = ClipAPI(self.embedder, settings, pixels, CLIP.url)
+            self.families["clip"] = ClipAPI(self.embedder, settings, pixels, as_service(CLIP).url)
         if "llava" in settings.families:
-            self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, LLaVA.url, pixels)
+            self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, as_service(LLaVA).url, pixels)
         if "whisper" in settings.families:
-            self.families["whisper"] = WhisperAPI(self.whisper, settings, Whisper.url)
+            self.families["whisper"] = WhisperAPI(self.whisper, settings, as_service(Whisper).url)
 
     def family(self, name: str) -> Any:
         """The route logic of a served family (``services.common.routing.served_family``); 404 for another."""
@@ -167,5 +171,5 @@ app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes
 # Optional API keys (services/common/auth.py): on the whole BentoML app, so that /metrics and BentoML's own
 # routes are covered too, not only the FastAPI routes.
 if api_keys := settings.all_api_keys():
-    Gateway.add_asgi_middleware(APIKeyMiddleware, keys=api_keys, metrics_open=settings.metrics_open)
+    as_service(Gateway).add_asgi_middleware(APIKeyMiddleware, keys=api_keys, metrics_open=settings.metrics_open)
     document_bearer_auth(app, APIKeyMiddleware.open_paths_for(settings.metrics_open))

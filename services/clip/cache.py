@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 from cachetools import TLRUCache
@@ -93,7 +93,8 @@ class RedisCache:
         except Exception as exc:
             self._failed("get", exc)
             return [None] * len(keys)
-        return [np.frombuffer(v, dtype="<f4") if v else None for v in values]
+        # The client does not decode responses: each value is the stored bytes, or None.
+        return [np.frombuffer(v, dtype="<f4") if v else None for v in cast("list[bytes | None]", values)]
 
     async def set_many(self, items: dict[str, np.ndarray], ttl_seconds: int) -> None:
         if not items or not self._available():

@@ -92,6 +92,7 @@ class ClipEmbedder:
         found = await self._cache.get_many(keys)
         missing = [i for i, row in enumerate(found) if row is None]
         metrics.record_cache(kind, hits=len(keys) - len(missing), misses=len(missing))
+        fresh: dict[str, np.ndarray] = {}
         if missing:
             # The same content twice in one request is encoded once.
             unique = {keys[i]: i for i in missing}
@@ -102,6 +103,5 @@ class ClipEmbedder:
             await self._cache.set_many(
                 {key: row for key, row in fresh.items() if not np.isnan(row[0])}, self._ttl[kind]
             )
-            for i in missing:
-                found[i] = fresh[keys[i]]
-        return np.stack(found).astype(np.float32, copy=False)
+        rows = [row if row is not None else fresh[key] for row, key in zip(found, keys, strict=True)]
+        return np.stack(rows).astype(np.float32, copy=False)

@@ -43,10 +43,12 @@ class Coalescer(Generic[Item]):
             cancelled = set(map(id, futures))
             self._waiting = [(item, future) for item, future in self._waiting if id(future) not in cancelled]
             raise
+        answered: list[np.ndarray] = []
         for row in rows:
             if isinstance(row, BaseException):
                 raise row
-        return np.stack(rows)
+            answered.append(row)
+        return np.stack(answered)
 
     def _dispatch(self) -> None:
         while self._waiting and self._in_flight < self._max_in_flight:

@@ -167,7 +167,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, f"model service: {exc}", code=code)
 
     @app.exception_handler(httpx.TimeoutException)
-    async def _dependency_timeout(_: Request, exc: httpx.TimeoutException) -> JSONResponse:
+    async def _dependency_timeout(_: Request, exc: Exception) -> JSONResponse:
+        # httpx's timeouts, and any other is_timeout() finds among the connection errors below.
         log.warning("model service timed out: %r", exc)
         return error_response(504, "model service did not answer in time", code="timeout")
 

@@ -116,7 +116,7 @@ class ImageFetcher:
             ) from None
         results: list[ResolveResult] = []
         for family, _, proto, _, sockaddr in infos:
-            address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])  # an IPv6 one may end in %scope
             if not self._allowed_address(address):
                 raise ForbiddenAddress(url, f"{host} resolves to non-public address {address}")
             results.append(

@@ -132,9 +132,9 @@ def check_image_bytes(data: bytes, *, param: str, max_pixels: int, bomb_check: B
     from the header alone."""
     image = _load(data, param=param, max_pixels=max_pixels, decode=False, bomb_check=bomb_check)
     width, height = image.size
-    return EncodedImage(
-        data=data, sha256=hashlib.sha256(data).hexdigest(), pixels=width * height, mime=Image.MIME[image.format]
-    )
+    # Image.open(formats=...) names the format it recognised: never None here.
+    mime = Image.MIME.get(image.format or "", "application/octet-stream")
+    return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest(), pixels=width * height, mime=mime)
 
 
 def read_image(

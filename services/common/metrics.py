@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from configuration.families import FAMILIES
+from configuration.families import FAMILIES, Family
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SIMILARITY_BUCKETS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
@@ -154,7 +154,7 @@ def record_gpu() -> None:
 class RequestMetricsMiddleware:
     """Counts and times requests to known routes, by family (other paths stay unlabelled)."""
 
-    def __init__(self, app: ASGIApp, families: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, families: dict[str, Family]) -> None:
         self.app, self.families = app, families  # route -> model family
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import bentoml
 
@@ -17,6 +17,12 @@ T = TypeVar("T")
 # closing transport"; bentoml/BentoML#5540, #5544). Over a local socket there is nothing
 # to rebalance, so keep one session for the life of the process.
 ONE_CLIENT_SESSION = {"max_requests": 2**62, "max_age": 10.0**12}
+
+
+def as_service(cls: type[T]) -> bentoml.Service[T]:
+    """A class under ``@bentoml.service``, typed as what the decorator made it: a ``bentoml.Service``
+    (``.url``, ``.context``, ``.add_asgi_middleware``). mypy keeps a decorated class's own type."""
+    return cast("bentoml.Service[T]", cls)
 
 
 def model_service(name: str, **options: Any) -> Callable[[type[T]], bentoml.Service[T]]:

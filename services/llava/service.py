@@ -30,6 +30,7 @@ import os
 import shlex
 import signal
 import sys
+from typing import Any
 
 import bentoml
 import httpx
@@ -37,7 +38,7 @@ import httpx
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.common.device import uses_gpu
-from services.common.model_service import model_service
+from services.common.model_service import as_service, model_service
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -77,11 +78,11 @@ class LLaVA:
         return command + shlex.split(settings.llava_engine_args)
 
     def _engine_running(self) -> bool:
-        process = LLaVA.context.state.get("proc")
+        process = _state().get("proc")
         return process is not None and process.returncode is None
 
     async def _engine_healthy(self) -> bool:
-        client: httpx.AsyncClient | None = LLaVA.context.state.get("client")
+        client: httpx.AsyncClient | None = _state().get("client")
         if client is None or not self._engine_running():
             return False
         try:
@@ -98,7 +99,7 @@ class LLaVA:
         self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_engine_dies())
 
     async def _exit_when_engine_dies(self) -> None:
-        while (process := LLaVA.context.state.get("proc")) is None:
+        while (process := _state().get("proc")) is None:
             await asyncio.sleep(1)
         code = await process.wait()
         if code == -signal.SIGTERM:  # BentoML's proxy stopping it at shutdown (or an operator's orderly stop)
@@ -109,6 +110,12 @@ class LLaVA:
 
     async def __is_ready__(self) -> bool:
         return await self._engine_healthy()
+
+
+def _state() -> dict[str, Any]:
+    """This process's BentoML service state, where BentoML's proxy keeps vLLM's process ("proc") and
+    its HTTP client to it ("client")."""
+    return as_service(LLaVA).context.state
 
 
 ENGINE_DIED_EXIT_CODE = 3

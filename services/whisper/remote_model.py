@@ -69,7 +69,7 @@ class RemoteWhisper:
         mels = [m.float().contiguous().numpy() for m in ([mel] if single else list(mel))]
         probabilities: list[dict[str, float]] = self._call("detect_language", mels)
         tokenizer = whisper.tokenizer.get_tokenizer(self.is_multilingual, num_languages=self.num_languages)
-        tokens = torch.tensor([tokenizer.to_language_token(max(p, key=p.get)) for p in probabilities])
+        tokens = torch.tensor([tokenizer.to_language_token(max(p, key=p.__getitem__)) for p in probabilities])
         return (tokens[0], probabilities[0]) if single else (tokens, probabilities)
 
     def find_alignment(
