@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from configuration.families import Family
+from configuration.families import FAMILIES, Family
 from configuration.settings import Settings, get_settings
 
 
@@ -62,4 +62,4 @@ def model_spec(family: Family, settings: Settings | None = None) -> ModelSpec:
 
 
 def profile_specs(settings: Settings | None = None) -> list[ModelSpec]:
-    return [model_spec(family, settings) for family in ("clip", "llava", "whisper")]
+    return [model_spec(family, settings) for family in FAMILIES]
