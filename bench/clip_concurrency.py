@@ -181,7 +181,8 @@ def main() -> None:
     plot(results, RESULTS / f"{args.name}.png", f"CLIP image embeddings, one server ({machine})")
     for r in results:
         print(
-            f"concurrency {r['concurrency']:>3}: {r['throughput_per_s'] / results[0]['throughput_per_s']:5.2f}x throughput, "
+            f"concurrency {r['concurrency']:>3}: "
+            f"{r['throughput_per_s'] / results[0]['throughput_per_s']:5.2f}x throughput, "
             f"mean batch {r['mean_batch_size']:5.1f}, p50 {r['p50_ms'] / results[0]['p50_ms']:5.2f}x"
         )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -106,7 +107,9 @@ def write_model(home: Path, shape: str, seed: int = 0) -> None:
 
     spec = model_spec("clip", Settings(profile="production", clip_model=TAGS[shape]))
     labels = {"profile": "production", "family": "clip", "architecture": spec.architecture}
-    with bentoml.models.create(spec.tag, labels=labels, metadata={"source": f"random weights, {shape} shape", "seed": seed}) as model:
+    with bentoml.models.create(
+        spec.tag, labels=labels, metadata={"source": f"random weights, {shape} shape", "seed": seed}
+    ) as model:
         generate_shaped(Path(model.path), seed, shape)
     log(f"wrote a random {shape} as {model.tag}")
 
@@ -134,7 +137,7 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from services.clip_pixels import PixelPreprocessor
+    from services.clip.pixels import PixelPreprocessor
 
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
@@ -142,11 +145,17 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
     processor = CLIPProcessor.from_pretrained(path)
     fast = PixelPreprocessor(processor.image_processor, device, dtype, "fast", decode_threads=8)
     reference = PixelPreprocessor(processor.image_processor, device, dtype, "reference", decode_threads=8)
-    out: dict = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", "images": {}, "texts": {}}
+    out: dict = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "images": {},
+        "texts": {},
+    }
     with torch.inference_mode():
         for batch in batch_sizes:
             pixels = fast(jpegs[:batch]).pixel_values
-            seconds = timed(lambda: model.get_image_features(pixel_values=pixels), repeats=max(3, 512 // batch))
+            seconds = timed(
+                lambda pixels=pixels: model.get_image_features(pixel_values=pixels), repeats=max(3, 512 // batch)
+            )
             out["images"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
             log(f"raw image model, batch {batch}: {batch / seconds:,.0f}/s ({1000 * seconds:.1f} ms)")
         batch = max(batch_sizes)
@@ -155,8 +164,12 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
         log(f"reference preprocessing + model in-process, batch {batch}: {batch / seconds:,.0f}/s")
         # The fast path against the reference path on the same photographs, the same model
         sample = jpegs[: max(batch_sizes)]
-        a = torch.nn.functional.normalize(model.get_image_features(pixel_values=fast(sample).pixel_values).pooler_output.float(), dim=-1)
-        b = torch.nn.functional.normalize(model.get_image_features(pixel_values=reference(sample).pixel_values).pooler_output.float(), dim=-1)
+        a = torch.nn.functional.normalize(
+            model.get_image_features(pixel_values=fast(sample).pixel_values).pooler_output.float(), dim=-1
+        )
+        b = torch.nn.functional.normalize(
+            model.get_image_features(pixel_values=reference(sample).pixel_values).pooler_output.float(), dim=-1
+        )
         cosine = (a * b).sum(-1)
         pixel_diff = (fast(sample[:64]).pixel_values.float() - reference(sample[:64]).pixel_values.float()).abs()
         out["parity"] = {
@@ -169,7 +182,7 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
         log(f"fast vs reference preprocessing: cosine min {cosine.min().item():.5f}, mean {cosine.mean().item():.5f}")
         for batch in batch_sizes:
             tokens = processor(text=texts(batch), return_tensors="pt", padding=True, truncation=True).to(device)
-            seconds = timed(lambda: model.get_text_features(**tokens), repeats=max(3, 512 // batch))
+            seconds = timed(lambda tokens=tokens: model.get_text_features(**tokens), repeats=max(3, 512 // batch))
             out["texts"][batch] = {"model_per_s": batch / seconds, "model_ms": 1000 * seconds}
             log(f"raw text model, batch {batch}: {batch / seconds:,.0f}/s")
     return out
@@ -183,7 +196,7 @@ def sync_points(path: Path, jpegs: list[bytes]) -> list[str]:
     import torch
     from transformers import CLIPProcessor
 
-    from services.clip_pixels import PixelPreprocessor
+    from services.clip.pixels import PixelPreprocessor
 
     if not torch.cuda.is_available():
         return []
@@ -213,7 +226,7 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
     """The CLIP service's own encoding code (``ClipEncoder``), in-process: what it can do with no HTTP around it."""
     import torch
 
-    from services.clip_encoder import ClipEncoder, EncoderOptions
+    from services.clip.encoder import ClipEncoder, EncoderOptions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict = {}
@@ -226,10 +239,12 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
         encoder = ClipEncoder(path, device, options)
         row: dict = {"startup_s": time.perf_counter() - started}
         for batch in batch_sizes:
-            seconds = timed(lambda: encoder.encode_images(jpegs[:batch]), repeats=max(3, 64 // batch))
+            seconds = timed(
+                lambda encoder=encoder, batch=batch: encoder.encode_images(jpegs[:batch]), repeats=max(3, 64 // batch)
+            )
             row[f"images_b{batch}_per_s"], row[f"images_b{batch}_ms"] = batch / seconds, 1000 * seconds
         for batch in (1, 64):
-            seconds = timed(lambda: encoder.encode_texts(texts(batch)), repeats=10)
+            seconds = timed(lambda encoder=encoder, batch=batch: encoder.encode_texts(texts(batch)), repeats=10)
             row[f"texts_b{batch}_per_s"], row[f"texts_b{batch}_ms"] = batch / seconds, 1000 * seconds
         embeddings[name] = encoder.encode_images(jpegs[:64])
         out[name] = row
@@ -254,8 +269,8 @@ def preparation_variants(path: Path, jpegs: list[bytes], threads: int) -> dict:
     """
     import torch
 
-    from services.clip_encoder import ClipEncoder, EncoderOptions
-    from services.clip_pixels import PixelPreprocessor
+    from services.clip.encoder import ClipEncoder, EncoderOptions
+    from services.clip.pixels import PixelPreprocessor
 
     class HalfResize(PixelPreprocessor):
         def _decode_on_device(self, encoded):
@@ -292,8 +307,11 @@ def preparation_variants(path: Path, jpegs: list[bytes], threads: int) -> dict:
             embeddings[name] = encoder.encode_images(jpegs[:256])
             if name == "reference":
                 continue
-            row = {f"images_b{b}_per_s": b / timed(lambda b=b: encoder.encode_images(jpegs[:b]), repeats=6) for b in (64, 256)}
-            row["prepare_b64_ms"] = 1000 * timed(lambda: pixels(jpegs[:64]), repeats=6)
+            row = {
+                f"images_b{b}_per_s": b / timed(lambda b=b: encoder.encode_images(jpegs[:b]), repeats=6)
+                for b in (64, 256)
+            }
+            row["prepare_b64_ms"] = 1000 * timed(lambda pixels=pixels: pixels(jpegs[:64]), repeats=6)
             row["cosine_min_to_fast"] = float((embeddings[name] * embeddings["fast"]).sum(-1).min())
             row["cosine_min_to_reference"] = float((embeddings[name] * embeddings["reference"]).sum(-1).min())
             out[name] = row
@@ -323,7 +341,10 @@ def gpu_kernels(encoder, pixels, jpegs: list[bytes], top: int = 15) -> list[tupl
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) / 3000
     rows = sorted(((e.key[:90], e.self_device_time_total / 3000) for e in events), key=lambda r: -r[1])[:top]
-    log(f"GPU kernels per batch of {len(jpegs)}, total {total:.2f} ms:\n" + "\n".join(f"  {ms:8.3f} ms  {k}" for k, ms in rows))
+    log(
+        f"GPU kernels per batch of {len(jpegs)}, total {total:.2f} ms:\n"
+        + "\n".join(f"  {ms:8.3f} ms  {k}" for k, ms in rows)
+    )
     return [("total", total), *rows]
 
 
@@ -348,8 +369,20 @@ class Server:
             **env,
         }
         self.log = home / f"serve-{port}.log"
-        command = [sys.executable, "-m", "bentoml", "serve", "services.gateway:Gateway", "--port", str(port), "--host", "127.0.0.1"]
-        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        command = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "services.gateway:Gateway",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=environment, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout: float = 300) -> None:
         import httpx
@@ -395,10 +428,8 @@ class Server:
 
         roles: dict[str, list] = {"clip": [], "entry": []}
         for child in psutil.Process(self.process.pid).children(recursive=True) + [psutil.Process(self.process.pid)]:
-            try:
+            with contextlib.suppress(psutil.Error):
                 roles["clip" if "--service-name CLIP" in " ".join(child.cmdline()) else "entry"].append(child)
-            except psutil.Error:
-                pass
         return roles
 
     def stop(self) -> None:
@@ -474,8 +505,15 @@ class CpuByRole:
 
         wall = time.perf_counter() - self.started
         machine = psutil.cpu_times()
-        busy = sum(machine) - machine.idle - machine.iowait - (sum(self.machine_before) - self.machine_before.idle - self.machine_before.iowait)
-        self.cores = {role: (self._seconds(processes) - self.before[role]) / wall for role, processes in self.roles.items()}
+        busy = (
+            sum(machine)
+            - machine.idle
+            - machine.iowait
+            - (sum(self.machine_before) - self.machine_before.idle - self.machine_before.iowait)
+        )
+        self.cores = {
+            role: (self._seconds(processes) - self.before[role]) / wall for role, processes in self.roles.items()
+        }
         self.cores["rest"] = busy / wall - sum(self.cores.values())
         self.cores["processes"] = {role: len(processes) for role, processes in self.roles.items()}
         # Each worker's own cores: an uneven spread means some workers' connections wait on a
@@ -501,19 +539,26 @@ def profile(server: Server, args: argparse.Namespace, label: str) -> None:
         if not processes:
             continue
         out = args.out / f"pyspy-{label}-{role}.txt"
-        command = [py_spy, "record", "--pid", str(processes[0].pid), "--duration", "5", "--rate", "200", "--nonblocking",
-                   "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
+        command = [py_spy, "record", "--pid", str(processes[0].pid), "--duration", "5", "--rate", "200",
+                   "--nonblocking", "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
         subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace) -> dict:
+def measure(
+    server: Server, name: str, kind: str, bodies: list[bytes], concurrency: int, args: argparse.Namespace
+) -> dict:
     before = server.totals(kind)
     if concurrency == args.profile_at and name in args.profile_scenarios:
         label = f"{name.replace(' ', '-')}-{concurrency}"
         threading.Timer(args.warmup + 2.0, profile, (server, args, label)).start()
     with GpuSampler() as gpu, CpuByRole(server) as cpu:
         result: LevelResult = run_level(
-            f"{server.url}/v1/embeddings", bodies, concurrency, duration=args.duration, warmup=args.warmup, processes=args.client_processes
+            f"{server.url}/v1/embeddings",
+            bodies,
+            concurrency,
+            duration=args.duration,
+            warmup=args.warmup,
+            processes=args.client_processes,
         )
     after = server.totals(kind)
     delta = {key: after[key] - before[key] for key in after}
@@ -529,7 +574,8 @@ def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurren
         "items_per_call": delta["items"] / delta["clip_requests"] if delta["clip_requests"] else 0.0,
         "gpu_util_percent": gpu.mean,
         # How busy the CLIP service's encoder was: near 1 per worker, it is the wall; far below, something before it is.
-        "encoder_busy": delta["encoding_s"] / (args.duration + args.warmup + 1.0),  # run_level starts its clients 1 s in
+        "encoder_busy": delta["encoding_s"]
+        / (args.duration + args.warmup + 1.0),  # run_level starts its clients 1 s in
         "encoder_ms_per_batch": mean_ms("encoding_s", "batches"),
         # Where a request's time goes: the entry service's whole request, the CLIP call inside it
         # (its batcher's queue + the encoder), the encoder alone.
@@ -538,13 +584,21 @@ def measure(server: Server, name: str, kind: str, bodies: list[bytes], concurren
         "cores": cpu.cores,
     }
     gpu_text = f", GPU {gpu.mean:.0f}%" if gpu.mean is not None else ""
-    log(f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-        f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, encoder busy {row['encoder_busy']:.0%}), "
-        f"entry {row['gateway_request_ms']:.1f} ms > CLIP call {row['clip_request_ms']:.1f} ms{gpu_text}, statuses {result.statuses}")  # fmt: skip
+    log(
+        f"{name} @{concurrency}: {result.per_second:,.1f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"batch {row['mean_batch']:.1f} ({row['encoder_ms_per_batch']:.1f} ms each, "
+        f"encoder busy {row['encoder_busy']:.0%}), entry {row['gateway_request_ms']:.1f} ms "
+        f"> CLIP call {row['clip_request_ms']:.1f} ms{gpu_text}, statuses {result.statuses}"
+    )
     if result.errors:
         log(f"  answers other than 200: {result.errors}")
-    log("  cores: " + ", ".join(f"{role} {value:.1f}" for role, value in cpu.cores.items() if role not in ("processes", "per_worker"))
-        + f" (processes {cpu.cores['processes']}); items per call {row['items_per_call']:.1f}; per worker {cpu.cores['per_worker']}")  # fmt: skip
+    roles = ", ".join(
+        f"{role} {value:.1f}" for role, value in cpu.cores.items() if role not in ("processes", "per_worker")
+    )
+    log(
+        f"  cores: {roles} (processes {cpu.cores['processes']}); items per call {row['items_per_call']:.1f}; "
+        f"per worker {cpu.cores['per_worker']}"
+    )
     return row
 
 
@@ -556,17 +610,23 @@ def plot(results: dict, path: Path) -> None:
 
     rows = [r for r in results["service"] if r["scenario"] == "images"]
     levels = [r["concurrency"] for r in rows]
-    raw = results["raw"]["images"][str(max(int(k) for k in results["raw"]["images"] if str(k).isdigit()))]["model_per_s"]
+    raw = results["raw"]["images"][str(max(int(k) for k in results["raw"]["images"] if str(k).isdigit()))][
+        "model_per_s"
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(levels, [r["per_second"] for r in rows], marker="o", label="service, /v1/embeddings (1 JPEG a request)")
     left.axhline(raw, color="gray", linestyle="--", label=f"raw model, batched ({raw:,.0f}/s)")
     left.axhline(0.8 * raw, color="gray", linestyle=":", label="80% of raw")
-    for scenario in sorted({r["scenario"] for r in results["service"] if r["scenario"].startswith("images, max batch")}):
+    for scenario in sorted(
+        {r["scenario"] for r in results["service"] if r["scenario"].startswith("images, max batch")}
+    ):
         large = [r for r in results["service"] if r["scenario"] == scenario]
         left.plot([r["concurrency"] for r in large], [r["per_second"] for r in large], marker="s", label=scenario)
     off = [r for r in results["service"] if r["scenario"] == "images, batching off"]
     if off:
-        left.scatter([r["concurrency"] for r in off], [r["per_second"] for r in off], color="red", label="max batch size 1")
+        left.scatter(
+            [r["concurrency"] for r in off], [r["per_second"] for r in off], color="red", label="max batch size 1"
+        )
     left.set_xscale("log", base=2)
     left.set_xlabel("concurrent clients")
     left.set_ylabel("images / s")
@@ -589,7 +649,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(TAGS), default="vit-l-14")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
-    parser.add_argument("--batching-off-at", type=int, default=128, help="concurrency of the max-batch-size-1 run (0: skip)")
+    parser.add_argument(
+        "--batching-off-at", type=int, default=128, help="concurrency of the max-batch-size-1 run (0: skip)"
+    )
     parser.add_argument("--text-levels", type=int, nargs="+", default=[256])
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level")
     # BentoML's batcher relearns its wait from the last 50 batches, at most every 5 s: a level is
@@ -601,12 +663,28 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
     parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
-    parser.add_argument("--encoder-chunks", type=int, nargs="*", default=[16, 32, 64], help="pipeline chunks to try in-process")
+    parser.add_argument(
+        "--encoder-chunks", type=int, nargs="*", default=[16, 32, 64], help="pipeline chunks to try in-process"
+    )
     parser.add_argument("--profile-at", type=int, default=0, help="py-spy the workers at this concurrency (0: never)")
     parser.add_argument("--profile-scenarios", nargs="+", default=["images", "single texts"], help="which to py-spy")
-    parser.add_argument("--preparation-threads", type=int, default=8, help="try cheaper image preparation in-process, with these decode threads (0: skip)")
-    parser.add_argument("--calls-in-flight", type=int, default=2, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service")
-    parser.add_argument("--also", nargs="+", action="append", default=[], metavar="ENV=VALUE", help="also serve with these settings, at the highest levels (repeatable)")
+    parser.add_argument(
+        "--preparation-threads",
+        type=int,
+        default=8,
+        help="try cheaper image preparation in-process, with these decode threads (0: skip)",
+    )
+    parser.add_argument(
+        "--calls-in-flight", type=int, default=2, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service"
+    )
+    parser.add_argument(
+        "--also",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="ENV=VALUE",
+        help="also serve with these settings, at the highest levels (repeatable)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="serve with MULTIMODAL_CLIP_CUDA_GRAPHS=false")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
@@ -651,12 +729,16 @@ def main() -> None:
         server.stop()
     if args.large_batch:
         # The same service with room for larger batches, where per-batch costs weigh less.
-        server = Server(home, args.shape, 3002, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE=str(args.large_batch))
+        server = Server(
+            home, args.shape, 3002, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE=str(args.large_batch)
+        )
         try:
             server.wait_ready()
             measure(server, "warm-up", "image", image_bodies, 256, args)
             for level in (256, 512):
-                results["service"].append(measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args))
+                results["service"].append(
+                    measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args)
+                )
         finally:
             server.stop()
     for port, also in enumerate(args.also, start=3003):
@@ -667,8 +749,12 @@ def main() -> None:
         try:
             server.wait_ready()
             measure(server, "warm-up", "image", image_bodies, 256, args)
-            results["service"].append(measure(server, f"images, {label}", "image", image_bodies, max(args.levels), args))
-            results["service"].append(measure(server, f"single texts, {label}", "text", single_texts, max(args.text_levels), args))
+            results["service"].append(
+                measure(server, f"images, {label}", "image", image_bodies, max(args.levels), args)
+            )
+            results["service"].append(
+                measure(server, f"single texts, {label}", "text", single_texts, max(args.text_levels), args)
+            )
         finally:
             server.stop()
     if args.batching_off_at:
@@ -676,7 +762,9 @@ def main() -> None:
         try:
             server.wait_ready()
             measure(server, "warm-up", "image", image_bodies, 16, args)
-            results["service"].append(measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args))
+            results["service"].append(
+                measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args)
+            )
         finally:
             server.stop()
 
@@ -699,19 +787,30 @@ def summarize(results: dict) -> None:
     on = next((r for r in images if r["concurrency"] == int(results["args"]["batching_off_at"])), best)
     off = next((r for r in rows if r["scenario"] == "images, batching off"), None)
     print(f"\n## CLIP {results['shape']} on {raw['device']}")
-    smallest = min((k for k in raw['images'] if str(k).isdigit()), key=int)
+    smallest = min((k for k in raw["images"] if str(k).isdigit()), key=int)
     print(f"raw image model {raw_images:,.0f}/s; batch {smallest} {raw['images'][smallest]['model_ms']:.1f} ms")
-    print(f"images end to end / raw: {best['per_second'] / raw_images:.0%} ({best['per_second']:,.0f}/s at {best['concurrency']} clients)")
+    print(
+        f"images end to end / raw: {best['per_second'] / raw_images:.0%} "
+        f"({best['per_second']:,.0f}/s at {best['concurrency']} clients)"
+    )
     if large:
         top = max(large, key=lambda r: r["per_second"])
-        print(f"  {top['scenario']}: {top['per_second'] / raw_images:.0%} ({top['per_second']:,.0f}/s at {top['concurrency']} clients)")
+        print(
+            f"  {top['scenario']}: {top['per_second'] / raw_images:.0%} "
+            f"({top['per_second']:,.0f}/s at {top['concurrency']} clients)"
+        )
     for r in rows:
         print(f"  {r['scenario']:<22} c={r['concurrency']:<4} {r['per_second']:>9,.1f}/s  p50 {r['p50_ms']:>8.1f} ms  "
               f"p99 {r['p99_ms']:>8.1f} ms  batch {r['mean_batch']:>5.1f}  {r['statuses']}")  # fmt: skip
     if off:
-        print(f"batching on / off at {on['concurrency']} clients: {on['per_second'] / max(off['per_second'], 1e-9):.1f}x")
+        print(
+            f"batching on / off at {on['concurrency']} clients: {on['per_second'] / max(off['per_second'], 1e-9):.1f}x"
+        )
     batches = next(r for r in rows if r["scenario"] == "64 texts a request")
-    print(f"64-text requests: {64 * batches['per_second']:,.0f} texts/s = {64 * batches['per_second'] / raw_texts:.0%} of raw ({raw_texts:,.0f}/s)")
+    print(
+        f"64-text requests: {64 * batches['per_second']:,.0f} texts/s = "
+        f"{64 * batches['per_second'] / raw_texts:.0%} of raw ({raw_texts:,.0f}/s)"
+    )
     print(f"parity fast vs reference: {raw['parity']}")
     for name, row in results.get("encoder", {}).items():
         print(f"service encoder in-process, {name}: {row}")

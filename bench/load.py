@@ -33,7 +33,9 @@ class LevelResult:
         return asdict(self)
 
 
-async def _clients(url: str, bodies: list[bytes], clients: int, offset: int, start: float, measure_from: float, stop: float):
+async def _clients(
+    url: str, bodies: list[bytes], clients: int, offset: int, start: float, measure_from: float, stop: float
+):
     import aiohttp
 
     latencies: list[float] = []
@@ -55,7 +57,7 @@ async def _clients(url: str, bodies: list[bytes], clients: int, offset: int, sta
                         if response.status != 200 and len(errors) < 3:
                             errors.append(f"{status} {answer[:300].decode(errors='replace')}")
                         no_retry_after = response.status in (429, 503) and "Retry-After" not in response.headers
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status, no_retry_after = type(exc).__name__, False
                 if sent >= measure_from:
                     latencies.append(time.time() - sent)

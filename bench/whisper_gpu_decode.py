@@ -3,7 +3,7 @@
     python bench/whisper_gpu_decode.py [--tokens 100] [--out results.json]
 
 Measures windows per second for: openai-whisper as packaged, one window at a time (fp32
-parameters cast to fp16 on every forward); fp16 weights stored once, as ``services.whisper``
+parameters cast to fp16 on every forward); fp16 weights stored once, as ``services.whisper.service``
 does on a GPU, at batch 1; and mixed-language batches of 4, 16 and 32 windows, as the
 service's batcher forms them. Each window decodes exactly ``--tokens`` tokens (end of text is
 suppressed) so that every configuration does the same work. It also checks that batching does
@@ -34,7 +34,7 @@ LANGUAGES = ["en", "de", "fr", "es", "it", "ja", "zh", "ru"]
 
 
 class MixedLanguageTask(DecodingTask):
-    """One batch, each row with its own language token (as ``services.whisper`` decodes)."""
+    """One batch, each row with its own language token (as ``services.whisper.service`` decodes)."""
 
     def __init__(self, model: Whisper, options: DecodingOptions, languages: list[str]) -> None:
         super().__init__(model, options)
@@ -87,13 +87,18 @@ def main() -> None:
     results["fp16_weights_batch1_windows_per_s"] = 1 / seconds
     for batch in (4, 16, 32):
         languages = [LANGUAGES[i % len(LANGUAGES)] for i in range(batch)]
-        seconds, _ = timed(lambda: MixedLanguageTask(model, options("en"), languages).run(mels[:batch]))
+        seconds, _ = timed(
+            lambda languages=languages, batch=batch: MixedLanguageTask(model, options("en"), languages).run(
+                mels[:batch]
+            )
+        )
         results[f"fp16_weights_batch{batch}_mixed_languages_windows_per_s"] = batch / seconds
 
     languages = [LANGUAGES[i % len(LANGUAGES)] for i in range(16)]
     batched = MixedLanguageTask(model, options("en"), languages).run(mels[:16])
     alone = [whisper.decode(model, mels[i], options(languages[i])) for i in range(16)]
-    results["batch16_windows_with_identical_tokens"] = sum(a.tokens == b.tokens for a, b in zip(alone, batched))
+    identical = sum(a.tokens == b.tokens for a, b in zip(alone, batched, strict=True))
+    results["batch16_windows_with_identical_tokens"] = identical
 
     print(json.dumps(results, indent=1))
     if args.out:

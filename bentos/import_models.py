@@ -15,13 +15,14 @@ import argparse
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import bentoml
 from tqdm import tqdm
 
-from configuration.profiles import Family, ModelSpec, profile_specs
+from configuration.families import FAMILIES, Family
+from configuration.profiles import ModelSpec, profile_specs
 from configuration.settings import Settings
 
 log = logging.getLogger("bentos.import_models")
@@ -83,7 +84,7 @@ def import_model(spec: ModelSpec, profile: str, seed: int = DEFAULT_SEED, force:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["tiny", "production"], default=None)
-    parser.add_argument("--family", choices=["clip", "llava", "whisper"], action="append")
+    parser.add_argument("--family", choices=FAMILIES, action="append")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--force", action="store_true", help="re-import models already in the store")
     args = parser.parse_args(argv)

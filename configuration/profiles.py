@@ -8,13 +8,10 @@ prove that every path works and that our numbers equal the reference libraries' 
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel
 
+from configuration.families import FAMILIES, Family
 from configuration.settings import Settings, get_settings
-
-Family = Literal["clip", "llava", "whisper"]
 
 
 class ModelSpec(BaseModel, frozen=True):
@@ -30,7 +27,9 @@ class ModelSpec(BaseModel, frozen=True):
 
 TINY: dict[Family, ModelSpec] = {
     "clip": ModelSpec(family="clip", tag="tiny-clip", architecture="CLIPModel", source="generated"),
-    "llava": ModelSpec(family="llava", tag="tiny-llava", architecture="LlavaForConditionalGeneration", source="generated"),
+    "llava": ModelSpec(
+        family="llava", tag="tiny-llava", architecture="LlavaForConditionalGeneration", source="generated"
+    ),
     "whisper": ModelSpec(family="whisper", tag="tiny-whisper", architecture="openai-whisper", source="generated"),
 }
 
@@ -39,7 +38,10 @@ PRODUCTION: dict[Family, ModelSpec] = {
         family="clip", tag="clip-vit-large-patch14", architecture="CLIPModel", source="openai/clip-vit-large-patch14"
     ),
     "llava": ModelSpec(
-        family="llava", tag="llava-1.5-7b-hf", architecture="LlavaForConditionalGeneration", source="llava-hf/llava-1.5-7b-hf"
+        family="llava",
+        tag="llava-1.5-7b-hf",
+        architecture="LlavaForConditionalGeneration",
+        source="llava-hf/llava-1.5-7b-hf",
     ),
     "whisper": ModelSpec(family="whisper", tag="whisper-large-v3", architecture="openai-whisper", source="large-v3"),
 }
@@ -60,4 +62,4 @@ def model_spec(family: Family, settings: Settings | None = None) -> ModelSpec:
 
 
 def profile_specs(settings: Settings | None = None) -> list[ModelSpec]:
-    return [model_spec(family, settings) for family in ("clip", "llava", "whisper")]
+    return [model_spec(family, settings) for family in FAMILIES]

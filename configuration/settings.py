@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from configuration.families import FAMILIES, Family
+
 PREFIX = "MULTIMODAL_"
 
 
@@ -27,7 +29,7 @@ def _comma_separated(value: object) -> object:
 
 # A list given in the environment as "a,b,c".
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
-Families = Annotated[list[Literal["clip", "llava", "whisper"]], NoDecode, BeforeValidator(_comma_separated)]
+Families = Annotated[list[Family], NoDecode, BeforeValidator(_comma_separated)]
 
 
 class Settings(BaseSettings):
@@ -35,7 +37,7 @@ class Settings(BaseSettings):
 
     # Models
     families: Families = Field(
-        default_factory=lambda: ["clip", "llava", "whisper"],
+        default_factory=lambda: list(FAMILIES),
         description="Model families this deployment serves, comma separated; the others' routes answer 404.",
     )
     profile: Literal["tiny", "production"] = Field(
@@ -46,7 +48,9 @@ class Settings(BaseSettings):
         validation_alias=_env("CLIP_MODEL", "MODEL_NAME"),
         description="Hugging Face id of the production CLIP model; the profile's default when unset.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; `auto` picks CUDA when present.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models run; `auto` picks CUDA when present."
+    )
 
     # Batching (BentoML adaptive batching on the model services)
     clip_max_batch_size: int = Field(
@@ -66,7 +70,10 @@ class Settings(BaseSettings):
     clip_workers: int = Field(
         1,
         ge=1,
-        description="CLIP service processes (each with the model) sharing the device: one's CPU work overlaps another's GPU work.",
+        description=(
+            "CLIP service processes (each with the model) sharing the device: "
+            "one's CPU work overlaps another's GPU work."
+        ),
     )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
     clip_calls_in_flight: int = Field(
@@ -148,12 +155,16 @@ class Settings(BaseSettings):
         "pass it gets 429 with Retry-After. Two maximal requests, or ~100 of 2 MP.",
     )
     max_inputs_per_request: int = Field(256, ge=1, description="Most texts or images in one request.")
-    max_text_chars: int = Field(4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens).")
+    max_text_chars: int = Field(
+        4096, ge=1, description="Longest text input, in characters (CLIP truncates to 77 tokens)."
+    )
     max_audio_bytes: int = Field(25 * 2**20, ge=1, description="Largest audio upload (OpenAI's 25 MB).")
     max_audio_seconds: float = Field(
         1800.0, gt=0, description="Longest audio accepted, in seconds; raise the request timeout with it."
     )
-    ffmpeg_timeout_seconds: float = Field(30.0, gt=0, description="Wall-clock limit for decoding one upload with ffmpeg.")
+    ffmpeg_timeout_seconds: float = Field(
+        30.0, gt=0, description="Wall-clock limit for decoding one upload with ffmpeg."
+    )
 
     # Embedding cache
     cache_backend: Literal["memory", "redis", "none"] = Field(
@@ -168,21 +179,27 @@ class Settings(BaseSettings):
     )
     query_cache_ttl_seconds: int = Field(86_400, ge=1, description="TTL of text (query) embeddings.")
     cache_max_entries: int = Field(50_000, ge=1, description="Entries kept by the in-process cache.")
-    redis_timeout_seconds: float = Field(0.25, gt=0, description="Socket timeout of Redis calls; a slow Redis is a miss.")
+    redis_timeout_seconds: float = Field(
+        0.25, gt=0, description="Socket timeout of Redis calls; a slow Redis is a miss."
+    )
     redis_retry_after_seconds: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long.")
 
     # LLaVA through vLLM (its OpenAI server runs inside the LLaVA service)
     llava_engine_port: int = Field(8000, description="Loopback port of the vLLM server inside the LLaVA service.")
-    llava_max_model_len: int = Field(2048, ge=64, description="Context length in tokens: prompt (image tokens included) plus completion.")
+    llava_max_model_len: int = Field(
+        2048, ge=64, description="Context length in tokens: prompt (image tokens included) plus completion."
+    )
     llava_max_num_seqs: int = Field(4, ge=1, description="Sequences vLLM batches at once (continuous batching).")
-    llava_max_tokens: int = Field(512, ge=1, description="Largest `max_tokens` a chat request may ask for (also the default).")
+    llava_max_tokens: int = Field(
+        512, ge=1, description="Largest `max_tokens` a chat request may ask for (also the default)."
+    )
     llava_max_images_per_request: int = Field(4, ge=1, description="Most images in one chat request.")
     llava_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     llava_cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on a CPU machine (VLLM_CPU_KVCACHE_SPACE).")
     llava_dtype: str = Field("auto", description="vLLM `--dtype` (`auto`, `float32`, `bfloat16`, `float16`).")
     llava_engine_args: str = Field("", description="Extra vLLM server arguments, space separated.")
 
-    # Remote images (http/https image URLs); off by default: see services/fetch.py
+    # Remote images (http/https image URLs); off by default: see services/common/image_fetch.py
     image_fetch_enabled: bool = Field(False, description="Fetch http(s) image URLs at all.")
     image_fetch_allowed_hosts: CommaList = Field(
         default_factory=list, description="Host names that may be fetched, comma separated; empty: any public host."
@@ -193,7 +210,7 @@ class Settings(BaseSettings):
     image_fetch_timeout_seconds: float = Field(10.0, gt=0, description="Total time for fetching one image.")
     image_fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed, each hop checked again.")
 
-    # Access (services/auth.py): no keys, no authentication
+    # Access (services/common/auth.py): no keys, no authentication
     api_keys: CommaList = Field(
         default_factory=list,
         repr=False,
@@ -201,9 +218,16 @@ class Settings(BaseSettings):
         "`/livez`, `/readyz`, `/health`, `/ready` (and `/metrics`, see below) needs `Authorization: Bearer <key>`.",
     )
     api_keys_file: Path | None = Field(
-        None, description="A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; adds to `MULTIMODAL_API_KEYS`."
+        None,
+        description=(
+            "A file of API keys, one a line (`#` comments), e.g. a mounted Kubernetes Secret; "
+            "adds to `MULTIMODAL_API_KEYS`."
+        ),
     )
-    metrics_open: bool = Field(True, description="Serve `/metrics` without an API key even when keys are set; `false`: a scrape needs a key too.")
+    metrics_open: bool = Field(
+        True,
+        description="Serve `/metrics` without an API key even when keys are set; `false`: a scrape needs a key too.",
+    )
 
     @model_validator(mode="after")
     def _one_request_fits_in_flight(self) -> Settings:
@@ -239,7 +263,7 @@ def settings_table() -> str:
         alias = field.validation_alias
         names = list(alias.choices) if isinstance(alias, AliasChoices) else [PREFIX + name.upper()]
         names = list(dict.fromkeys(str(n) for n in names))
-        value = field.default_factory() if field.default_factory else field.default
+        value = field.get_default(call_default_factory=True)
         default = "unset" if value is None or value == [] else f"`{value}`"
         rows.append(f"| {' / '.join(f'`{n}`' for n in names)} | {default} | {field.description} |")
     return "\n".join(rows)

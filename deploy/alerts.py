@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from configuration.families import TITLES
 from configuration.settings import Settings
 
 Rule = dict[str, Any]
@@ -95,7 +96,7 @@ def gpu_rules(t: Thresholds) -> list[Rule]:
         _alert(
             "GpuMemoryHigh",
             # Sampled by the CLIP and Whisper services after each batch (vLLM reserves its share up front).
-            f"max by (namespace, pod, gpu) (clip_gpu_memory_utilization_percent) > {t.gpu_memory_percent}",
+            f"max by (namespace, pod, gpu) (gpu_memory_used_percent) > {t.gpu_memory_percent}",
             "5m",
             "critical",
             f"GPU memory above {t.gpu_memory_percent:g}%",
@@ -110,7 +111,7 @@ def error_rules(families: list[str], t: Thresholds) -> list[Rule]:
     for family in families:
         total = f"sum by (namespace) (rate({family}_requests_total[5m]))"
         failed = f'sum by (namespace) (rate({family}_requests_total{{status=~"5.."}}[5m]))'
-        title = {"clip": "CLIP", "llava": "LLaVA", "whisper": "Whisper"}[family]
+        title = TITLES[family]
         rules.append(
             _alert(
                 f"{family.capitalize()}ErrorRateHigh",

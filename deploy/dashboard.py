@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from configuration.families import TITLES
 from configuration.settings import Settings
 
 Panel = dict[str, Any]
 NS = 'namespace="$namespace"'
 RATE = "$__rate_interval"
-TITLES = {"clip": "CLIP", "llava": "LLaVA", "whisper": "Whisper"}
 
 
 @dataclass
@@ -95,8 +95,8 @@ def gpu(layout: _Layout) -> None:
     layout.row("GPU (CLIP and Whisper services)")
     gauge = {"options": {"reduceOptions": {"calcs": ["lastNotNull"]}}}
     for metric, title in (
-        ("clip_gpu_utilization_percent", "GPU utilisation"),
-        ("clip_gpu_memory_utilization_percent", "GPU memory"),
+        ("gpu_utilization_percent", "GPU utilisation"),
+        ("gpu_memory_used_percent", "GPU memory"),
     ):
         target = _target(f"max by (pod, gpu) ({metric}{{{NS}}})", "{{pod}} GPU {{gpu}}")
         panel = _panel("gauge", title, [target], "percent", **gauge)

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from configuration.families import FAMILIES
 from configuration.settings import Settings
 from deploy import autoscaling, monitoring, network, redis, workloads
 from deploy.k8s import Manifest
@@ -165,7 +166,7 @@ def build_spec(
     by_service: dict[str, str] = {}
     for item in images or []:
         name, _, image = item.rpartition("=")
-        targets = [name] if name else ["gateway", "clip", "llava", "whisper"]
+        targets = [name] if name else ["gateway", *FAMILIES]
         by_service |= {target: image for target in targets}
     return deployment_spec(settings, images=by_service)
 

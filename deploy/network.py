@@ -12,7 +12,7 @@ from __future__ import annotations
 from deploy.k8s import Manifest, metadata, selector
 from deploy.spec import PORT, DeploymentSpec, ServiceSpec
 
-# Addresses a fetched image URL must never reach (the service checks them too: services/fetch.py).
+# Addresses a fetched image URL must never reach (the service checks them too: services/common/image_fetch.py).
 NON_PUBLIC_IPV4 = (
     "0.0.0.0/8",
     "10.0.0.0/8",

@@ -31,7 +31,7 @@ def redis_conf(spec: DeploymentSpec) -> str:
             'save ""',
             "appendonly no",
             "dir /data",
-            # What services/cache.py sends, and PING for the probe; nothing else.
+            # What services/clip/cache.py sends, and PING for the probe; nothing else.
             "user default on nopass ~* &* -@all +mget +set +ping",
             "",
         ]

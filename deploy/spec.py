@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from configuration.profiles import Family
+from configuration.families import FAMILIES, Family
 from configuration.settings import Settings
 
 Profile = Literal["tiny", "production"]
@@ -181,7 +181,13 @@ def _probes(name: str) -> tuple[Probe, Probe, Probe]:
         return (
             Probe("/health", period_seconds=10, timeout_seconds=5, failure_threshold=startup_failures),
             Probe("/health", period_seconds=30, timeout_seconds=5, failure_threshold=3, initial_delay_seconds=60),
-            Probe(GATEWAY_READINESS_PATH, period_seconds=10, timeout_seconds=6, failure_threshold=3, initial_delay_seconds=30),
+            Probe(
+                GATEWAY_READINESS_PATH,
+                period_seconds=10,
+                timeout_seconds=6,
+                failure_threshold=3,
+                initial_delay_seconds=30,
+            ),
         )
     return (
         Probe("/readyz", period_seconds=10, timeout_seconds=5, failure_threshold=startup_failures),
@@ -220,7 +226,7 @@ def service_spec(name: str, profile: Profile, settings: Settings) -> ServiceSpec
 def deployment_spec(settings: Settings, images: Mapping[str, str] | None = None) -> DeploymentSpec:
     """The entry service and one model service per family the settings enable, sized by their profile."""
     profile = settings.profile
-    names = ["gateway", *(family for family in ("clip", "llava", "whisper") if family in settings.families)]
+    names = ["gateway", *(family for family in FAMILIES if family in settings.families)]
     services = tuple(service_spec(name, profile, settings) for name in names)
     return DeploymentSpec(
         settings=settings, profile=profile, services=services, images=MappingProxyType(dict(images or {}))

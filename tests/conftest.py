@@ -7,6 +7,7 @@ when it starts, so two servers sharing one would clobber each other's metrics) w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -50,16 +51,12 @@ class Process:
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
         # Whatever the group left behind (a vLLM engine core orphaned by a test that killed its
         # server holds gigabytes) goes too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.popen.wait()
 
 
@@ -157,7 +154,19 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
     if executable is None:
         pytest.fail("redis-server is not installed; `make test` installs it")
     port = free_port()
-    cmd = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    cmd = [
+        executable,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
     process = start(cmd, tmp_path / "redis.log")
     redis = Redis(f"redis://127.0.0.1:{port}/0", port, process)
     wait_until(lambda: redis.client().ping(), process, "redis-server", timeout=30)

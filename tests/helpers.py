@@ -61,12 +61,19 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def image_chat(url: str, text: str = "What is shown in this image?") -> list[dict]:
     """OpenAI chat messages: one user turn with an image and a question."""
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
 
 
 def chat_body(url: str, text: str = "What is shown in this image?", max_tokens: int = 4) -> dict:
@@ -159,4 +166,10 @@ def palette_png(width: int, height: int, noisy_rows: int = 0, seed: int = 0) -> 
 
     header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
     palette = b"\xff\x00\x00\x00\xff\x00\x00\x00\xff\xff\xff\xff"
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", palette) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", palette)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )

@@ -4,9 +4,9 @@
 # dependency closure, transformers, pydantic(-settings), fastapi, python-multipart, redis,
 # cachetools, soundfile/soxr, openai-whisper -- pinned as in requirements.txt.
 # Why: the GPU machine (Python 3.12) has no network. It already has torch, numpy, pillow,
-# huggingface-hub, tokenizers, aiohttp, ... (the device README's KINDS.md, "Python packages
-# already there"); those are left out (EXCLUDE below) and pinned in the resolve to the
-# versions seen there (DEVICE_PINS), so the closure is the one that will actually run.
+# huggingface-hub, tokenizers, aiohttp, ... (as the lending tool documents the machine); those
+# are left out (EXCLUDE below) and pinned in the resolve to the versions seen there
+# (DEVICE_PINS), so the closure is the one that will actually run.
 # How it is used: each device run carries `.whl` and starts with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

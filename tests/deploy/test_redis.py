@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import redis as redis_client
 
-from services import metrics
-from services.cache import RedisCache
+from services.clip.cache import RedisCache
+from services.common import metrics
 from tests.conftest import free_port, start, wait_until
 from tests.deploy.manifests import named, rendered
 from tests.helpers import metric_value

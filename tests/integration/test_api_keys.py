@@ -1,4 +1,4 @@
-"""Optional API keys (services/auth.py) on a real ``bentoml serve``, with the official ``openai`` SDK."""
+"""Optional API keys (services/common/auth.py) on a real ``bentoml serve``, with the official ``openai`` SDK."""
 
 from __future__ import annotations
 
@@ -48,7 +48,13 @@ def assert_unauthorized(response: httpx.Response) -> None:
 def test_every_route_needs_a_key(server):
     document = httpx.get(f"{server.url}/openapi.json", headers=bearer(KEYS[0]), timeout=30).json()
     routes = [(method, path) for path, operations in document["paths"].items() for method in operations]
-    routes += [("get", "/metrics"), ("get", "/openapi.json"), ("get", "/docs"), ("get", "/"), ("post", "/no/such/route")]
+    routes += [
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("get", "/docs"),
+        ("get", "/"),
+        ("post", "/no/such/route"),
+    ]
     for method, path in routes:
         if path in PROBES:
             continue
@@ -57,22 +63,47 @@ def test_every_route_needs_a_key(server):
 
 @pytest.mark.parametrize(
     "authorization",
-    ["Bearer sk-wrong", f"Basic {KEYS[0]}", KEYS[0], "Bearer", f"Bearer {KEYS[0]}x", f"Bearer {KEYS[0][:-1]}", f"Bearer {KEYS[0]},{KEYS[1]}"],
-    ids=["wrong key", "basic scheme", "no scheme", "scheme without a key", "key plus a character", "key less a character", "two keys"],
+    [
+        "Bearer sk-wrong",
+        f"Basic {KEYS[0]}",
+        KEYS[0],
+        "Bearer",
+        f"Bearer {KEYS[0]}x",
+        f"Bearer {KEYS[0][:-1]}",
+        f"Bearer {KEYS[0]},{KEYS[1]}",
+    ],
+    ids=[
+        "wrong key",
+        "basic scheme",
+        "no scheme",
+        "scheme without a key",
+        "key plus a character",
+        "key less a character",
+        "two keys",
+    ],
 )
 def test_a_wrong_key_is_401(server, authorization):
-    response = httpx.post(f"{server.url}/v1/embeddings", json={"model": "clip", "input": "a"}, headers={"Authorization": authorization}, timeout=30)
+    response = httpx.post(
+        f"{server.url}/v1/embeddings",
+        json={"model": "clip", "input": "a"},
+        headers={"Authorization": authorization},
+        timeout=30,
+    )
     assert_unauthorized(response)
 
 
 @pytest.mark.parametrize("key", [*KEYS, FILE_KEY], ids=["first key", "second key", "key from the file"])
 def test_each_key_opens_every_route(server, key):
     image = b64(png_bytes(random_image(51)))
-    search = httpx.post(f"{server.url}/search", json={"image_data": image, "texts": ["a", "b"]}, headers=bearer(key), timeout=60)
+    search = httpx.post(
+        f"{server.url}/search", json={"image_data": image, "texts": ["a", "b"]}, headers=bearer(key), timeout=60
+    )
     assert search.status_code == 200, search.text
     assert len(search.json()["similarities"]) == 2
     # The scheme's case does not matter (RFC 9110); the key's does.
-    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"bearer {key}"}, timeout=30).status_code == 200
+    assert (
+        httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"bearer {key}"}, timeout=30).status_code == 200
+    )
     assert_unauthorized(httpx.get(f"{server.url}/v1/models", headers=bearer(key.upper()), timeout=30))
 
 
@@ -90,7 +121,9 @@ def test_the_openai_sdk_sends_its_api_key(server):
     assert len(embeddings.data) == 1 and len(embeddings.data[0].embedding) > 0
     assert [model.id for model in client.models.list()] == ["tiny-clip"]
     with pytest.raises(openai.AuthenticationError) as raised:
-        openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-not-ours", max_retries=0).embeddings.create(model="clip", input="a")
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-not-ours", max_retries=0).embeddings.create(
+            model="clip", input="a"
+        )
     assert raised.value.status_code == 401 and raised.value.body["code"] == "invalid_api_key"
 
 

@@ -1,7 +1,7 @@
 """A hand-written corpus of bad input on every route, against a real ``bentoml serve`` of the whole product.
 
 Each case names the status and error code the API documents for it; every answer must be that,
-in the one error shape (``services.errors``), and the product must stay healthy after each one.
+in the one error shape (``services.common.errors``), and the product must stay healthy after each one.
 These are the inputs schemathesis does not make (test_fuzz.py): lone surrogates sent as JSON
 escapes, NaN and infinite float audio, pixel bombs, malformed data URLs, bodies over the caps.
 The server's caps are ``tests.conftest.HARDENED_LIMITS``, so that each is reached with a small body.
@@ -9,7 +9,6 @@ The server's caps are ``tests.conftest.HARDENED_LIMITS``, so that each is reache
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import struct
@@ -22,7 +21,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import b64, image_chat, metric_value, palette_png, png_bytes, png_header_only, random_image, wav_bytes
+from tests.helpers import (
+    b64,
+    image_chat,
+    metric_value,
+    palette_png,
+    png_bytes,
+    png_header_only,
+    random_image,
+    wav_bytes,
+)
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 120
@@ -63,7 +71,13 @@ def _palette_bomb(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", b"\xff\x00\x00") + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", b"\xff\x00\x00")
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _float_wav(value: float) -> bytes:
@@ -83,7 +97,18 @@ BOMB_400MP = _palette_bomb(20_000, 20_000)
 BOMB_40MP = _palette_bomb(6324, 6324)  # 39,992,976 pixels: just under MAX_IMAGE_PIXELS, ~1,000 pixels per byte
 # Under every per-image check (~150 pixels per byte), over the 100 MP request budget together.
 BUDGET_IMAGES = [f"data:image/png;base64,{b64(palette_png(5000, 5000, 80, seed))}" for seed in range(5)]  # 125 MP
-BUDGET_CHAT = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(palette_png(5200, 5200, 90, seed))}"}} for seed in range(4)]}]  # 108 MP
+BUDGET_CHAT = [
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "image_url",
+                "image_url": {"url": f"data:image/png;base64,{b64(palette_png(5200, 5200, 90, seed))}"},
+            }
+            for seed in range(4)
+        ],
+    }
+]  # 108 MP
 WAV = wav_bytes(np.random.default_rng(34).uniform(-0.1, 0.1, 16_000).astype(np.float32))
 SILENT_WAV = wav_bytes(np.zeros(0, dtype=np.float32))
 LONG_WAV = wav_bytes(np.zeros(8_000 * 61, dtype=np.float32), 8_000, "PCM_U8")  # 61 s: over MAX_AUDIO_SECONDS
@@ -128,7 +153,9 @@ CASES: dict[str, Case] = {
     "search body is null": Case("/search", 400, "invalid_value", json=None, raw=b"null"),
     "search NaN literal": Case("/search", 400, "invalid_value", raw=b'{"image_data": NaN, "texts": ["a"]}'),
     "search 100000-deep nesting": Case("/search", 400, None, raw=DEEP_JSON),
-    "search text/plain body": Case("/search", 400, "invalid_value", raw=json.dumps(SEARCH).encode(), content_type="text/plain"),
+    "search text/plain body": Case(
+        "/search", 400, "invalid_value", raw=json.dumps(SEARCH).encode(), content_type="text/plain"
+    ),
     "search missing image": Case("/search", 400, "invalid_value", json={"texts": ["a"]}),
     "search image is a number": Case("/search", 400, "invalid_value", json=search(image_data=5)),
     "search texts is a string": Case("/search", 400, "invalid_value", json=search(texts="a cat")),
@@ -143,15 +170,23 @@ CASES: dict[str, Case] = {
     "search lone high surrogate": Case("/search", 400, "invalid_value", json=search(texts=["cat \ud800"])),
     "search lone low surrogate": Case("/search", 400, "invalid_value", json=search(texts=["\udfff"])),
     "search invalid base64": Case("/search", 400, "invalid_base64", json=search(image_data="not*base64!")),
-    "search base64 of text": Case("/search", 400, "invalid_image", json=search(image_data=b64(b"I am not an image" * 8))),
+    "search base64 of text": Case(
+        "/search", 400, "invalid_image", json=search(image_data=b64(b"I am not an image" * 8))
+    ),
     "search truncated jpeg": Case("/search", 400, "invalid_image", json=search(image_data=b64(JPEG_HEAD))),
     "search tiff": Case("/search", 400, "invalid_image", json=search(image_data=b64(TIFF))),
     "search svg": Case("/search", 400, "invalid_image", json=search(image_data=b64(SVG))),
     "search data url not base64": Case("/search", 400, "invalid_image", json=search(image_data="data:image/png,abc")),
-    "search data url without payload": Case("/search", 400, "invalid_image", json=search(image_data="data:image/png;base64,")),
-    "search data url of text": Case("/search", 400, "invalid_image", json=search(image_data="data:text/plain;base64,aGVsbG8=")),
+    "search data url without payload": Case(
+        "/search", 400, "invalid_image", json=search(image_data="data:image/png;base64,")
+    ),
+    "search data url of text": Case(
+        "/search", 400, "invalid_image", json=search(image_data="data:text/plain;base64,aGVsbG8=")
+    ),
     "search image over the byte cap": Case("/search", 413, "image_too_large", json=search(image_data=OVER_IMAGE_CAP)),
-    "search header claims 20000x20000": Case("/search", 413, "image_too_large", json=search(image_data=b64(png_header_only(20_000, 20_000)))),
+    "search header claims 20000x20000": Case(
+        "/search", 413, "image_too_large", json=search(image_data=b64(png_header_only(20_000, 20_000)))
+    ),
     "search palette bomb 20000x20000": Case("/search", 413, "image_too_large", json=search(image_data=b64(BOMB_400MP))),
     "search palette bomb 6324x6324": Case("/search", 413, "image_too_large", json=search(image_data=b64(BOMB_40MP))),
     "search body over the cap": Case("/search", 413, "request_too_large", raw=OVER_BODY_CAP),
@@ -165,12 +200,20 @@ CASES: dict[str, Case] = {
     "classify 257 labels": Case("/classify", 400, "too_many_inputs", json=classify(labels=["a"] * 257)),
     "classify lone surrogate label": Case("/classify", 400, "invalid_value", json=classify(labels=["cat\ud83d"])),
     "classify lone surrogate template": Case("/classify", 400, "invalid_value", json=classify(template="\ud800 {}")),
-    "classify header claims 9000x9000": Case("/classify", 413, "image_too_large", json=classify(image_data=b64(png_header_only(9_000, 9_000)))),
-    "classify base64 with a hole": Case("/classify", 400, "invalid_base64", json=classify(image_data=IMAGE[:8] + "=" + IMAGE[8:])),
-    "classify palette bomb 6324x6324": Case("/classify", 413, "image_too_large", json=classify(image_data=b64(BOMB_40MP))),
+    "classify header claims 9000x9000": Case(
+        "/classify", 413, "image_too_large", json=classify(image_data=b64(png_header_only(9_000, 9_000)))
+    ),
+    "classify base64 with a hole": Case(
+        "/classify", 400, "invalid_base64", json=classify(image_data=IMAGE[:8] + "=" + IMAGE[8:])
+    ),
+    "classify palette bomb 6324x6324": Case(
+        "/classify", 413, "image_too_large", json=classify(image_data=b64(BOMB_40MP))
+    ),
     "classify malformed json": Case("/classify", 400, "invalid_json", raw=b'{"image_data": "x", "labels": ["a"'),
     # /v1/embeddings
-    "embeddings unknown model": Case("/v1/embeddings", 404, "model_not_found", json={"model": "text-embedding-3-small", "input": "a"}),
+    "embeddings unknown model": Case(
+        "/v1/embeddings", 404, "model_not_found", json={"model": "text-embedding-3-small", "input": "a"}
+    ),
     "embeddings empty model": Case("/v1/embeddings", 400, "invalid_value", json={"model": "", "input": "a"}),
     "embeddings missing model": Case("/v1/embeddings", 400, "invalid_value", json={"input": "a"}),
     "embeddings missing input": Case("/v1/embeddings", 400, "invalid_value", json=EMBED),
@@ -183,31 +226,73 @@ CASES: dict[str, Case] = {
     "embeddings wrong dimensions": Case("/v1/embeddings", 400, "invalid_value", json=embed("a", dimensions=7)),
     "embeddings dimensions a string": Case("/v1/embeddings", 400, "invalid_value", json=embed("a", dimensions="many")),
     "embeddings lone surrogate": Case("/v1/embeddings", 400, "invalid_value", json=embed(["fine", "bad \ud800"])),
-    "embeddings lone surrogate in a key": Case("/v1/embeddings", 400, "invalid_value", json={**embed("a"), "\udc00": 1}),
+    "embeddings lone surrogate in a key": Case(
+        "/v1/embeddings", 400, "invalid_value", json={**embed("a"), "\udc00": 1}
+    ),
     "embeddings 257 inputs": Case("/v1/embeddings", 400, "too_many_inputs", json=embed(["a"] * 257)),
     "embeddings 4097 characters": Case("/v1/embeddings", 400, "text_too_long", json=embed("b" * 4097)),
-    "embeddings image not base64": Case("/v1/embeddings", 400, "invalid_base64", json=embed(["data:image/png;base64,@@@@"])),
-    "embeddings image undecodable": Case("/v1/embeddings", 400, "invalid_image", json=embed(["data:image/png;base64,AAAA"])),
-    "embeddings image tiff": Case("/v1/embeddings", 400, "invalid_image", json=embed([f"data:image/tiff;base64,{b64(TIFF)}"])),
-    "embeddings image pixel bomb": Case("/v1/embeddings", 413, "image_too_large", json=embed([f"data:image/png;base64,{b64(BOMB_400MP)}"])),
-    "embeddings palette bomb 6324x6324": Case("/v1/embeddings", 413, "image_too_large", json=embed(["a cat", f"data:image/png;base64,{b64(BOMB_40MP)}"])),
-    "embeddings images over the request's pixel budget": Case("/v1/embeddings", 413, "too_many_pixels", json=embed(BUDGET_IMAGES)),
-    "embeddings malformed json": Case("/v1/embeddings", 400, "invalid_json", raw=b'{"model": "tiny-clip", "input": "a",}'),
+    "embeddings image not base64": Case(
+        "/v1/embeddings", 400, "invalid_base64", json=embed(["data:image/png;base64,@@@@"])
+    ),
+    "embeddings image undecodable": Case(
+        "/v1/embeddings", 400, "invalid_image", json=embed(["data:image/png;base64,AAAA"])
+    ),
+    "embeddings image tiff": Case(
+        "/v1/embeddings", 400, "invalid_image", json=embed([f"data:image/tiff;base64,{b64(TIFF)}"])
+    ),
+    "embeddings image pixel bomb": Case(
+        "/v1/embeddings", 413, "image_too_large", json=embed([f"data:image/png;base64,{b64(BOMB_400MP)}"])
+    ),
+    "embeddings palette bomb 6324x6324": Case(
+        "/v1/embeddings", 413, "image_too_large", json=embed(["a cat", f"data:image/png;base64,{b64(BOMB_40MP)}"])
+    ),
+    "embeddings images over the request's pixel budget": Case(
+        "/v1/embeddings", 413, "too_many_pixels", json=embed(BUDGET_IMAGES)
+    ),
+    "embeddings malformed json": Case(
+        "/v1/embeddings", 400, "invalid_json", raw=b'{"model": "tiny-clip", "input": "a",}'
+    ),
     # /v1/chat/completions (checked by the gateway; only the context length reaches vLLM)
     "chat unknown model": Case("/v1/chat/completions", 404, "model_not_found", json={**chat(), "model": "gpt-4o"}),
     "chat missing messages": Case("/v1/chat/completions", 400, "invalid_value", json=CHAT),
     "chat no messages": Case("/v1/chat/completions", 400, "invalid_value", json=chat([])),
-    "chat unknown role": Case("/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "robot", "content": "x"}])),
-    "chat content a number": Case("/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "user", "content": 5}])),
-    "chat audio part": Case("/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])),
+    "chat unknown role": Case(
+        "/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "robot", "content": "x"}])
+    ),
+    "chat content a number": Case(
+        "/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "user", "content": 5}])
+    ),
+    "chat audio part": Case(
+        "/v1/chat/completions",
+        400,
+        "invalid_value",
+        json=chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+    ),
     "chat file url": Case("/v1/chat/completions", 400, "invalid_image", json=chat(image_chat("file:///etc/passwd"))),
-    "chat http url while fetching is off": Case("/v1/chat/completions", 400, "image_url_disabled", json=chat(image_chat("http://169.254.169.254/latest"))),
-    "chat image not base64": Case("/v1/chat/completions", 400, "invalid_base64", json=chat(image_chat("data:image/png;base64,@@"))),
-    "chat image undecodable": Case("/v1/chat/completions", 400, "invalid_image", json=chat(image_chat("data:image/png;base64,AAAA"))),
-    "chat image svg": Case("/v1/chat/completions", 400, "invalid_image", json=chat(image_chat(f"data:image/svg+xml;base64,{b64(SVG)}"))),
-    "chat image pixel bomb": Case("/v1/chat/completions", 413, "image_too_large", json=chat(image_chat(f"data:image/png;base64,{b64(BOMB_400MP)}"))),
-    "chat palette bomb 6324x6324": Case("/v1/chat/completions", 413, "image_too_large", json=chat(image_chat(f"data:image/png;base64,{b64(BOMB_40MP)}"))),
-    "chat images over the request's pixel budget": Case("/v1/chat/completions", 413, "too_many_pixels", json=chat(BUDGET_CHAT)),
+    "chat http url while fetching is off": Case(
+        "/v1/chat/completions", 400, "image_url_disabled", json=chat(image_chat("http://169.254.169.254/latest"))
+    ),
+    "chat image not base64": Case(
+        "/v1/chat/completions", 400, "invalid_base64", json=chat(image_chat("data:image/png;base64,@@"))
+    ),
+    "chat image undecodable": Case(
+        "/v1/chat/completions", 400, "invalid_image", json=chat(image_chat("data:image/png;base64,AAAA"))
+    ),
+    "chat image svg": Case(
+        "/v1/chat/completions", 400, "invalid_image", json=chat(image_chat(f"data:image/svg+xml;base64,{b64(SVG)}"))
+    ),
+    "chat image pixel bomb": Case(
+        "/v1/chat/completions",
+        413,
+        "image_too_large",
+        json=chat(image_chat(f"data:image/png;base64,{b64(BOMB_400MP)}")),
+    ),
+    "chat palette bomb 6324x6324": Case(
+        "/v1/chat/completions", 413, "image_too_large", json=chat(image_chat(f"data:image/png;base64,{b64(BOMB_40MP)}"))
+    ),
+    "chat images over the request's pixel budget": Case(
+        "/v1/chat/completions", 413, "too_many_pixels", json=chat(BUDGET_CHAT)
+    ),
     "chat five images": Case("/v1/chat/completions", 400, "too_many_images", json=chat(image_chat(URL) * 5)),
     "chat max_tokens over the cap": Case("/v1/chat/completions", 400, "invalid_value", json=chat(max_tokens=17)),
     "chat max_tokens zero": Case("/v1/chat/completions", 400, "invalid_value", json=chat(max_tokens=0)),
@@ -215,32 +300,59 @@ CASES: dict[str, Case] = {
     "chat top_p zero": Case("/v1/chat/completions", 400, "invalid_value", json=chat(top_p=0)),
     "chat n 9": Case("/v1/chat/completions", 400, "invalid_value", json=chat(n=9)),
     "chat stream a list": Case("/v1/chat/completions", 400, "invalid_value", json=chat(stream=[])),
-    "chat lone surrogate in a part": Case("/v1/chat/completions", 400, "invalid_value", json=chat(image_chat(URL, "what is \ud800?"))),
-    "chat lone surrogate content": Case("/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "user", "content": "\udfff"}])),
-    "chat prompt over the context": Case("/v1/chat/completions", 400, "context_length_exceeded", json=chat([{"role": "user", "content": "word " * 2 * CONTEXT}])),
-    "chat malformed json": Case("/v1/chat/completions", 400, "invalid_json", raw=b'{"model": "tiny-llava", "messages": [}'),
+    "chat lone surrogate in a part": Case(
+        "/v1/chat/completions", 400, "invalid_value", json=chat(image_chat(URL, "what is \ud800?"))
+    ),
+    "chat lone surrogate content": Case(
+        "/v1/chat/completions", 400, "invalid_value", json=chat([{"role": "user", "content": "\udfff"}])
+    ),
+    "chat prompt over the context": Case(
+        "/v1/chat/completions",
+        400,
+        "context_length_exceeded",
+        json=chat([{"role": "user", "content": "word " * 2 * CONTEXT}]),
+    ),
+    "chat malformed json": Case(
+        "/v1/chat/completions", 400, "invalid_json", raw=b'{"model": "tiny-llava", "messages": [}'
+    ),
     # Audio: OpenAI's transcriptions and translations, and the native /transcribe
     "transcriptions empty file": audio("/v1/audio/transcriptions", b"", 400, "empty_file"),
     "transcriptions png": audio("/v1/audio/transcriptions", PNG, 415, "unsupported_media_type"),
     "transcriptions text": audio("/v1/audio/transcriptions", b"not audio at all\n" * 30, 415, "unsupported_media_type"),
     "transcriptions NaN float wav": audio("/v1/audio/transcriptions", _float_wav(float("nan")), 400, "invalid_audio"),
-    "transcriptions infinite wav verbose_json": audio("/v1/audio/transcriptions", _float_wav(float("inf")), 400, "invalid_audio", response_format="verbose_json"),
+    "transcriptions infinite wav verbose_json": audio(
+        "/v1/audio/transcriptions", _float_wav(float("inf")), 400, "invalid_audio", response_format="verbose_json"
+    ),
     "transcriptions truncated wav": audio("/v1/audio/transcriptions", WAV[: len(WAV) // 2], 400, "invalid_audio"),
     "transcriptions wav without samples": audio("/v1/audio/transcriptions", SILENT_WAV, 400, "empty_audio"),
     "transcriptions 61 s": audio("/v1/audio/transcriptions", LONG_WAV, 413, "audio_too_long"),
-    "transcriptions over the byte cap": audio("/v1/audio/transcriptions", b"RIFF" + bytes(2 * 2**20 + 1), 413, "file_too_large"),
+    "transcriptions over the byte cap": audio(
+        "/v1/audio/transcriptions", b"RIFF" + bytes(2 * 2**20 + 1), 413, "file_too_large"
+    ),
     "transcriptions corrupt mp3": audio("/v1/audio/transcriptions", CORRUPT_MP3, 400, "invalid_audio"),
     "transcriptions unknown model": audio("/v1/audio/transcriptions", WAV, 404, "model_not_found", model="whisper-9"),
-    "transcriptions unknown language": audio("/v1/audio/transcriptions", WAV, 400, "invalid_language", language="klingon"),
-    "transcriptions response_format xml": audio("/v1/audio/transcriptions", WAV, 400, "invalid_value", response_format="xml"),
+    "transcriptions unknown language": audio(
+        "/v1/audio/transcriptions", WAV, 400, "invalid_language", language="klingon"
+    ),
+    "transcriptions response_format xml": audio(
+        "/v1/audio/transcriptions", WAV, 400, "invalid_value", response_format="xml"
+    ),
     "transcriptions temperature 2": audio("/v1/audio/transcriptions", WAV, 400, "invalid_value", temperature="2"),
     "transcriptions temperature NaN": audio("/v1/audio/transcriptions", WAV, 400, "invalid_value", temperature="nan"),
-    "transcriptions granularity char": audio("/v1/audio/transcriptions", WAV, 400, "invalid_value", **{"timestamp_granularities[]": "char"}),
+    "transcriptions granularity char": audio(
+        "/v1/audio/transcriptions", WAV, 400, "invalid_value", **{"timestamp_granularities[]": "char"}
+    ),
     "transcriptions without model": Case("/v1/audio/transcriptions", 400, "invalid_value", files={"file": WAV}),
-    "transcriptions file as text": Case("/v1/audio/transcriptions", 400, "invalid_value", form={"model": "whisper-1", "file": "not a file"}),
-    "transcriptions json body": Case("/v1/audio/transcriptions", 400, "invalid_value", json={"model": "whisper-1", "file": "x"}),
+    "transcriptions file as text": Case(
+        "/v1/audio/transcriptions", 400, "invalid_value", form={"model": "whisper-1", "file": "not a file"}
+    ),
+    "transcriptions json body": Case(
+        "/v1/audio/transcriptions", 400, "invalid_value", json={"model": "whisper-1", "file": "x"}
+    ),
     "translations empty file": audio("/v1/audio/translations", b"", 400, "empty_file"),
-    "translations minus infinity wav": audio("/v1/audio/translations", _float_wav(float("-inf")), 400, "invalid_audio", response_format="srt"),
+    "translations minus infinity wav": audio(
+        "/v1/audio/translations", _float_wav(float("-inf")), 400, "invalid_audio", response_format="srt"
+    ),
     "translations unknown model": audio("/v1/audio/translations", WAV, 404, "model_not_found", model="whisper-9"),
     "translations svg": audio("/v1/audio/translations", SVG, 415, "unsupported_media_type"),
     "transcribe NaN float wav": audio("/transcribe", _float_wav(float("nan")), 400, "invalid_audio"),
@@ -254,7 +366,9 @@ CASES: dict[str, Case] = {
 }
 # Defects this corpus found that are not fixed here: strict, so a fix shows as a passing xfail.
 KNOWN_DEFECTS = {
-    "unknown route": "BentoML's outer router answers a path no service has with its own text/plain 404, not the error shape",
+    "unknown route": (
+        "BentoML's outer router answers a path no service has with its own text/plain 404, not the error shape"
+    ),
 }
 
 
@@ -292,7 +406,12 @@ def test_the_corpus_covers_every_route(hardened_product):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[name])) if name in KNOWN_DEFECTS else name for name in CASES],
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[name]))
+        if name in KNOWN_DEFECTS
+        else name
+        for name in CASES
+    ],
 )
 def test_bad_input_is_its_documented_4xx(hardened_product, name: str) -> None:
     case = CASES[name]

@@ -153,7 +153,10 @@ PHOTO_SIZES = [(320, 240), (640, 480), (1920, 1080), (480, 640)]
 
 def photo_inputs() -> dict[str, bytes]:
     """Each photograph as a JPEG at one of several sizes, plus the JPEG variants decoders treat apart."""
-    inputs = {f"{name}@{PHOTO_SIZES[i % 4]}": jpeg_bytes(photograph(name), PHOTO_SIZES[i % 4]) for i, name in enumerate(PHOTOGRAPHS)}
+    inputs = {
+        f"{name}@{PHOTO_SIZES[i % 4]}": jpeg_bytes(photograph(name), PHOTO_SIZES[i % 4])
+        for i, name in enumerate(PHOTOGRAPHS)
+    }
     chelsea = photograph("chelsea.png")
     inputs["progressive"] = jpeg_bytes(chelsea, progressive=True)
     inputs["4:4:4 chroma"] = jpeg_bytes(chelsea, subsampling=0)
@@ -169,11 +172,13 @@ def test_photograph_embeddings_equal_transformers(request, reference, path):
     # On a GPU nvJPEG and CUDA resizing differ slightly; bench/clip_gpu.py measures by how much.
     server = request.getfixturevalue("uncached_server" if path == "fast" else "reference_path_server")
     inputs = photo_inputs()
-    response = post(server, "/v1/embeddings", {"model": "clip", "input": [data_url(data, "image/jpeg") for data in inputs.values()]})
+    response = post(
+        server, "/v1/embeddings", {"model": "clip", "input": [data_url(data, "image/jpeg") for data in inputs.values()]}
+    )
     assert response.status_code == 200, response.text
     got = np.array([d["embedding"] for d in response.json()["data"]])
     expected = np.stack([reference.encoded_image_embedding(data) for data in inputs.values()])
-    for name, row, want in zip(inputs, got, expected):
+    for name, row, want in zip(inputs, got, expected, strict=True):
         np.testing.assert_allclose(row, want, atol=TOLERANCE, err_msg=name)
     assert (got * expected).sum(axis=1).min() >= 0.9999  # cosine: both sides are unit vectors
 
@@ -190,11 +195,16 @@ def test_an_undecodable_image_fails_only_its_own_request(uncached_server, refere
         responses = list(pool.map(embed, payloads))
     assert responses[0].status_code == 400
     assert responses[0].json()["error"] | {"message": None} == {
-        "message": None, "type": "invalid_request_error", "param": "input[0]", "code": "invalid_image"
+        "message": None,
+        "type": "invalid_request_error",
+        "param": "input[0]",
+        "code": "invalid_image",
     }
-    for response, photo in zip(responses[1:], photos):
+    for response, photo in zip(responses[1:], photos, strict=True):
         assert response.status_code == 200, response.text
-        np.testing.assert_allclose(response.json()["data"][1]["embedding"], reference.encoded_image_embedding(photo), atol=TOLERANCE)
+        np.testing.assert_allclose(
+            response.json()["data"][1]["embedding"], reference.encoded_image_embedding(photo), atol=TOLERANCE
+        )
 
 
 # Adaptive batching
@@ -226,17 +236,22 @@ def test_concurrent_requests_are_batched_without_changing_results(uncached_serve
     np.testing.assert_allclose(concurrent_texts, sequential_texts, atol=1e-5)
     np.testing.assert_allclose(concurrent_images, sequential_images, atol=1e-5)
     for kind in ("text", "image"):
-        batches = metric_value(after, "clip_batch_size_count", kind=kind) - metric_value(before, "clip_batch_size_count", kind=kind)
+        batches = metric_value(after, "clip_batch_size_count", kind=kind) - metric_value(
+            before, "clip_batch_size_count", kind=kind
+        )
         singles = metric_value(after, "clip_batch_size_bucket", kind=kind, le="1.0") - metric_value(
             before, "clip_batch_size_bucket", kind=kind, le="1.0"
         )
         assert batches - singles > 0, f"no {kind} batch larger than 1 among {batches} batches"
+
     # Fewer calls reached BentoML's batcher than requests brought texts (each /search brings its
     # "x" too): the entry service merges concurrent requests' items into one call while calls are
     # out, and BentoML's histogram counts the calls it batched. (Whether BentoML then merges two
     # calls depends on their timing with one entry-service worker, so that is not asserted.)
     def text_calls(metrics_text: str) -> float:
-        return sum(metric_samples(metrics_text, "bentoml_service_adaptive_batch_size_count", method_name="encode_texts"))
+        return sum(
+            metric_samples(metrics_text, "bentoml_service_adaptive_batch_size_count", method_name="encode_texts")
+        )
 
     assert 0 < text_calls(after) - text_calls(before) < len(texts) + len(images)
 
@@ -252,8 +267,14 @@ def test_repeated_request_is_served_from_the_in_process_cache(server):
     after = server.metrics()
     assert first.status_code == second.status_code == 200
     assert second.json()["data"] == first.json()["data"]
-    assert metric_value(after, "clip_cache_hits_total", kind="text") - metric_value(before, "clip_cache_hits_total", kind="text") == 2
-    assert metric_value(after, "clip_batch_size_count", kind="text") == metric_value(before, "clip_batch_size_count", kind="text")
+    assert (
+        metric_value(after, "clip_cache_hits_total", kind="text")
+        - metric_value(before, "clip_cache_hits_total", kind="text")
+        == 2
+    )
+    assert metric_value(after, "clip_batch_size_count", kind="text") == metric_value(
+        before, "clip_batch_size_count", kind="text"
+    )
 
 
 def test_redis_cache_hits_and_survives_redis_dying(serve_product, redis_server, reference):
@@ -275,7 +296,10 @@ def test_redis_cache_hits_and_survives_redis_dying(serve_product, redis_server, 
 
     redis_server.process.kill()  # the server must carry on without its cache
     results = [post(server, "/search", payload) for _ in range(3)]
-    results += [post(server, "/search", {"image_data": b64(png_bytes(random_image(8 + i))), "texts": ["new text"]}) for i in range(3)]
+    results += [
+        post(server, "/search", {"image_data": b64(png_bytes(random_image(8 + i))), "texts": ["new text"]})
+        for i in range(3)
+    ]
     assert [r.status_code for r in results] == [200] * 6
     np.testing.assert_allclose(results[0].json()["similarities"], first.json()["similarities"], atol=TOLERANCE)
     np.testing.assert_allclose(
@@ -311,7 +335,11 @@ BAD_REQUESTS = {
     "embeddings lone surrogate": ("/v1/embeddings", {"model": "clip", "input": ["fine", "bad \ud800"]}, 400),
     "search lone surrogate": ("/search", {"image_data": b64(PNG), "texts": ["\udfff"]}, 400),
     "classify lone surrogate label": ("/classify", {"image_data": b64(PNG), "labels": ["cat\ud83d"]}, 400),
-    "classify lone surrogate template": ("/classify", {"image_data": b64(PNG), "labels": ["cat"], "template": "\ud800 {}"}, 400),
+    "classify lone surrogate template": (
+        "/classify",
+        {"image_data": b64(PNG), "labels": ["cat"], "template": "\ud800 {}"},
+        400,
+    ),
     "embeddings image data url not base64": ("/v1/embeddings", {"model": "clip", "input": ["data:image/png,abc"]}, 400),
 }
 
@@ -328,11 +356,20 @@ def test_bad_input_is_a_4xx_in_the_error_shape(server, name):
 
 def test_the_openapi_document_lists_the_errors_the_api_sends(server):
     schema = httpx.get(f"{server.url}/openapi.json").json()
-    routes = ["/search", "/classify", "/v1/embeddings", "/v1/chat/completions", "/v1/audio/transcriptions", "/transcribe"]
+    routes = [
+        "/search",
+        "/classify",
+        "/v1/embeddings",
+        "/v1/chat/completions",
+        "/v1/audio/transcriptions",
+        "/transcribe",
+    ]
     for route in routes:
         responses = schema["paths"][route]["post"]["responses"]
         assert {"400", "404", "413", "429", "503"} <= set(responses), route
-        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert responses["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
     assert "415" in schema["paths"]["/transcribe"]["post"]["responses"]
     assert all("422" not in operation["responses"] for path in schema["paths"].values() for operation in path.values())
     assert schema["components"]["schemas"]["SearchRequest"]["properties"]["image_data"]["minLength"] == 1
@@ -348,7 +385,9 @@ def test_a_wrong_method_is_405_with_allow(server):
 def test_malformed_json_and_oversized_body(server):
     response = httpx.post(f"{server.url}/search", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
-    response = httpx.post(f"{server.url}/search", content=b"x" * (33 * 2**20), headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/search", content=b"x" * (33 * 2**20), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
@@ -358,7 +397,9 @@ def test_server_still_answers_after_bad_input(server, reference):
     image = random_image(10)
     response = post(server, "/search", {"image_data": b64(png_bytes(image)), "texts": ["a", "b"]})
     assert response.status_code == 200
-    np.testing.assert_allclose(response.json()["similarities"], reference.similarities(image, ["a", "b"]), atol=TOLERANCE)
+    np.testing.assert_allclose(
+        response.json()["similarities"], reference.similarities(image, ["a", "b"]), atol=TOLERANCE
+    )
     assert metric_value(server.metrics(), "clip_requests_total", status="500") == 0
 
 
@@ -393,4 +434,6 @@ def test_degenerate_image_shapes_equal_transformers(server, reference, size):
     image = random_image(40, size)
     response = post(server, "/search", {"image_data": b64(png_bytes(image)), "texts": ["a"], "return_embeddings": True})
     assert response.status_code == 200, response.text
-    np.testing.assert_allclose(response.json()["embeddings"]["image_embedding"], reference.image_embedding(image), atol=TOLERANCE)
+    np.testing.assert_allclose(
+        response.json()["embeddings"]["image_embedding"], reference.image_embedding(image), atol=TOLERANCE
+    )

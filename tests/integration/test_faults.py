@@ -109,7 +109,9 @@ def unique_texts_request(url: str) -> Request:
 
     async def send(client: httpx.AsyncClient, n: int) -> httpx.Response:
         texts = [f"fault run {run} request {n} text {i}" for i in range(4)]
-        return await client.post(f"{url}/v1/embeddings", json={"model": "clip", "input": texts, "encoding_format": "float"})
+        return await client.post(
+            f"{url}/v1/embeddings", json={"model": "clip", "input": texts, "encoding_format": "float"}
+        )
 
     return send
 
@@ -131,9 +133,15 @@ def transcription_request(url: str, audio: bytes, language: str | None = "en") -
 
 
 async def run_load(
-    request: Request, *, clients: int, seconds: float, max_requests: int, during: Callable[[], Awaitable[None]] | None = None
+    request: Request,
+    *,
+    clients: int,
+    seconds: float,
+    max_requests: int,
+    during: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Outcome]:
-    """``clients`` loops sending ``request`` until ``seconds`` pass or ``max_requests`` are sent; ``during`` runs meanwhile."""
+    """``clients`` loops sending ``request`` until ``seconds`` pass or ``max_requests`` are sent; ``during`` runs
+    meanwhile."""
     outcomes: list[Outcome] = []
     deadline = time.monotonic() + seconds
     counter = iter(range(max_requests))
@@ -249,7 +257,9 @@ def test_a_killed_model_worker_is_503_with_retry_after_then_recovers(server, ser
     # BentoML's supervisor (circus) respawns the worker; the family answers again within the bound.
     deadline = killed_at[0] + RECOVERY_SECONDS
     while ready(server, family).status_code != 200:
-        assert time.monotonic() < deadline, f"{service} not back within {RECOVERY_SECONDS} s:\n{server.process.log_tail()}"
+        assert time.monotonic() < deadline, (
+            f"{service} not back within {RECOVERY_SECONDS} s:\n{server.process.log_tail()}"
+        )
         time.sleep(1)
     print(f"{service}: {dict(counts)}; ready again {time.monotonic() - killed_at[0]:.1f} s after the kill")
     assert worker_pids(server, service) not in ([], [pid])
@@ -294,4 +304,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
         server.process.popen.wait(timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail(f"bentoml serve still running 60 s after SIGTERM:\n{server.process.log_tail()}")
-    print(f"late request: {refused}; exited {time.monotonic() - signalled:.1f} s after SIGTERM, code {server.process.popen.returncode}")
+    print(
+        f"late request: {refused}; exited {time.monotonic() - signalled:.1f} s after SIGTERM, "
+        f"code {server.process.popen.returncode}"
+    )

@@ -48,7 +48,9 @@ def client(server) -> openai.OpenAI:
 
 
 def chat(client: openai.OpenAI, messages: list[dict], **options) -> str:
-    response = client.chat.completions.create(model="tiny-llava", messages=messages, max_tokens=12, temperature=0, **options)
+    response = client.chat.completions.create(
+        model="tiny-llava", messages=messages, max_tokens=12, temperature=0, **options
+    )
     return response.choices[0].message.content
 
 
@@ -58,7 +60,9 @@ def offline_vllm_chat(messages: list[dict], max_tokens: int) -> dict:
     model_dir = bentoml.models.get("tiny-llava").path
     command = [sys.executable, "-m", "tests.tools.vllm_offline_chat", model_dir, json.dumps(request)]
     # A session of its own, ended whole afterwards: vLLM's engine core outlives the script otherwise.
-    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = run.communicate(timeout=600)
     finally:
@@ -138,13 +142,37 @@ def test_vllm_metrics_appear_on_the_product_metrics(server, client):
     "name,messages,options,error,code",
     [
         ("too many images", image_chat(data_url(IMAGE)) * 5, {}, openai.BadRequestError, "too_many_images"),
-        ("over-large image", image_chat(data_url(png_header_only(20_000, 20_000))), {}, openai.APIStatusError, "image_too_large"),
+        (
+            "over-large image",
+            image_chat(data_url(png_header_only(20_000, 20_000))),
+            {},
+            openai.APIStatusError,
+            "image_too_large",
+        ),
         ("undecodable image", image_chat("data:image/png;base64,AAAA"), {}, openai.BadRequestError, "invalid_image"),
-        ("prompt longer than the context", [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}], {}, openai.BadRequestError, "context_length_exceeded"),
-        ("max_tokens over the limit", [{"role": "user", "content": "hi"}], {"max_tokens": 100_000}, openai.BadRequestError, "invalid_value"),
-        ("remote fetching of a file: URL", image_chat("file:///etc/passwd"), {}, openai.BadRequestError, "invalid_image"),
+        (
+            "prompt longer than the context",
+            [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}],
+            {},
+            openai.BadRequestError,
+            "context_length_exceeded",
+        ),
+        (
+            "max_tokens over the limit",
+            [{"role": "user", "content": "hi"}],
+            {"max_tokens": 100_000},
+            openai.BadRequestError,
+            "invalid_value",
+        ),
+        (
+            "remote fetching of a file: URL",
+            image_chat("file:///etc/passwd"),
+            {},
+            openai.BadRequestError,
+            "invalid_image",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_requests_are_4xx_in_the_error_shape(client, name, messages, options, error, code):
     with pytest.raises(error) as raised:
         client.chat.completions.create(model="tiny-llava", messages=messages, **{"max_tokens": 4, **options})
@@ -159,17 +187,27 @@ def test_unknown_model_is_not_found(client):
     assert raised.value.body["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("messages", [image_chat(data_url(IMAGE), "what is \ud800?"), [{"role": "user", "content": "\udfff"}]])
+@pytest.mark.parametrize(
+    "messages", [image_chat(data_url(IMAGE), "what is \ud800?"), [{"role": "user", "content": "\udfff"}]]
+)
 def test_lone_surrogates_in_chat_are_400(server, messages):
     # Sent as JSON escapes ("\\ud800"), as json.dumps writes them; the SDK's encoder would refuse them.
     body = json.dumps({"model": "tiny-llava", "max_tokens": 4, "messages": messages}).encode()
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["code"] == "invalid_value" and "lone surrogate" in response.json()["error"]["message"]
+    assert (
+        response.json()["error"]["code"] == "invalid_value" and "lone surrogate" in response.json()["error"]["message"]
+    )
 
 
 def test_malformed_chat_bodies_are_400(server):
-    for body in ({"model": "tiny-llava"}, {"model": "tiny-llava", "messages": []}, {"model": "tiny-llava", "messages": [{"role": "robot", "content": "x"}]}):
+    for body in (
+        {"model": "tiny-llava"},
+        {"model": "tiny-llava", "messages": []},
+        {"model": "tiny-llava", "messages": [{"role": "robot", "content": "x"}]},
+    ):
         response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
         assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
@@ -251,7 +289,9 @@ ENGINE_RECOVERY_SECONDS = 300
 
 def test_a_dead_engine_fails_readiness_and_answers_503_then_recovers(server, client):
     engine_port = server.env["MULTIMODAL_LLAVA_ENGINE_PORT"]
-    found = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.openai.api_server.*--port {engine_port}"], capture_output=True, text=True)
+    found = subprocess.run(
+        ["pgrep", "-f", f"vllm.entrypoints.openai.api_server.*--port {engine_port}"], capture_output=True, text=True
+    )
     pids = [int(pid) for pid in found.stdout.split()]
     assert pids, "no vLLM server process found"
     for pid in pids:  # the server and its engine processes (they run in a session of their own)
@@ -280,7 +320,9 @@ def test_a_dead_engine_fails_readiness_and_answers_503_then_recovers(server, cli
     # The LLaVA worker exits when its engine dies; BentoML's supervisor starts it again, with a new engine.
     deadline = killed + ENGINE_RECOVERY_SECONDS
     while httpx.get(f"{server.url}/ready", params={"family": "llava"}, timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, f"LLaVA not back within {ENGINE_RECOVERY_SECONDS} s:\n{server.process.log_tail()}"
+        assert time.monotonic() < deadline, (
+            f"LLaVA not back within {ENGINE_RECOVERY_SECONDS} s:\n{server.process.log_tail()}"
+        )
         time.sleep(2)
     print(f"LLaVA ready again {time.monotonic() - killed:.0f} s after its engine was killed")
     assert isinstance(chat(client, [{"role": "user", "content": "hi"}]), str)  # a 200 from the new engine

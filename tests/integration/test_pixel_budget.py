@@ -51,12 +51,18 @@ def peak_resident_bytes(process: psutil.Process) -> int:
 
 
 def embed(server, inputs: list[str]) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/embeddings", json={"model": "clip", "input": inputs, "encoding_format": "float"}, timeout=TIMEOUT)
+    return httpx.post(
+        f"{server.url}/v1/embeddings",
+        json={"model": "clip", "input": inputs, "encoding_format": "float"},
+        timeout=TIMEOUT,
+    )
 
 
 def image_cache(server) -> tuple[float, float]:
     metrics = server.metrics()
-    return metric_value(metrics, "clip_cache_hits_total", kind="image"), metric_value(metrics, "clip_cache_misses_total", kind="image")
+    return metric_value(metrics, "clip_cache_hits_total", kind="image"), metric_value(
+        metrics, "clip_cache_misses_total", kind="image"
+    )
 
 
 def test_bombs_and_over_budget_requests_are_413_and_never_decoded(server):

@@ -141,7 +141,9 @@ def test_every_response_format_through_the_openai_sdk(client, speech):
 
     def create(response_format: str, **options):
         with path.open("rb") as file:
-            return client.audio.transcriptions.create(model="whisper-1", file=file, response_format=response_format, **options)
+            return client.audio.transcriptions.create(
+                model="whisper-1", file=file, response_format=response_format, **options
+            )
 
     as_json = create("json")
     text = as_json.text
@@ -160,7 +162,7 @@ def test_every_response_format_through_the_openai_sdk(client, speech):
     assert [c.index for c in cues] == list(range(1, len(verbose.segments) + 1))
     assert [c.content for c in cues] == [s.text.strip() for s in verbose.segments]
     assert_timeline([(c.start.total_seconds(), c.end.total_seconds()) for c in cues], duration)
-    for cue, segment in zip(cues, verbose.segments):
+    for cue, segment in zip(cues, verbose.segments, strict=True):
         assert cue.start.total_seconds() == pytest.approx(segment.start, abs=0.001)
 
     captions = webvtt.from_string(create("vtt"))
@@ -227,7 +229,10 @@ def test_translation_equals_transcribe_with_the_translate_task(client, speech, r
     assert result.text == expected["text"].strip()
     assert result.language == "english"  # OpenAI's: the language of the translation
     with path.open("rb") as file:
-        assert client.audio.translations.create(model="whisper-1", file=file, response_format="text").strip() == result.text
+        assert (
+            client.audio.translations.create(model="whisper-1", file=file, response_format="text").strip()
+            == result.text
+        )
 
 
 # Adaptive batching across requests
@@ -271,7 +276,7 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
     import whisper
     from whisper.audio import N_FRAMES, N_SAMPLES
 
-    from services.long_audio import plan_chunks
+    from services.whisper.chunking import plan_chunks
 
     path, duration = speech["long"], duration_of(speech["long"])
     assert 170 <= duration <= MAX_SECONDS
@@ -300,8 +305,12 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
     assert result.text == expected
 
     # The chunks' windows were decoded together, not one after another.
-    passes = metric_value(after, "whisper_batch_size_count", kind="decode") - metric_value(before, "whisper_batch_size_count", kind="decode")
-    windows = metric_value(after, "whisper_batch_size_sum", kind="decode") - metric_value(before, "whisper_batch_size_sum", kind="decode")
+    passes = metric_value(after, "whisper_batch_size_count", kind="decode") - metric_value(
+        before, "whisper_batch_size_count", kind="decode"
+    )
+    windows = metric_value(after, "whisper_batch_size_sum", kind="decode") - metric_value(
+        before, "whisper_batch_size_sum", kind="decode"
+    )
     assert windows >= len(chunks) and passes < windows, (passes, windows)
     print(f"\n3-minute recording: {elapsed:.1f} s, {windows:.0f} windows in {passes:.0f} batched passes")
 
@@ -317,7 +326,22 @@ def _wav(samples: np.ndarray, rate: int = 16_000, subtype: str = "PCM_16") -> by
 
 def _silent_mp3(seconds: int) -> bytes:
     done = subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", str(seconds), "-b:a", "8k", "-f", "mp3", "-"],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "anullsrc=r=8000:cl=mono",
+            "-t",
+            str(seconds),
+            "-b:a",
+            "8k",
+            "-f",
+            "mp3",
+            "-",
+        ],
         check=True,
         capture_output=True,
     )
@@ -327,12 +351,20 @@ def _silent_mp3(seconds: int) -> bytes:
 SPEECHLESS_WAV = _wav(np.zeros(16_000, dtype=np.float32))
 BAD_AUDIO = {
     "zero bytes": (b"", 400, "empty_file"),
-    "random bytes": (bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8)), 415, "unsupported_media_type"),
+    "random bytes": (
+        bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8)),
+        415,
+        "unsupported_media_type",
+    ),
     "png": (png_bytes(random_image(0)), 415, "unsupported_media_type"),
     "text": (b"just some text, not audio\n" * 20, 415, "unsupported_media_type"),
     "truncated wav": (SPEECHLESS_WAV[: len(SPEECHLESS_WAV) // 2], 400, "invalid_audio"),
     "wav without samples": (_wav(np.zeros(0, dtype=np.float32)), 400, "empty_audio"),
-    "wav over the duration cap": (_wav(np.zeros(8000 * (MAX_SECONDS + 5), dtype=np.float32), 8000, "PCM_U8"), 413, "audio_too_long"),
+    "wav over the duration cap": (
+        _wav(np.zeros(8000 * (MAX_SECONDS + 5), dtype=np.float32), 8000, "PCM_U8"),
+        413,
+        "audio_too_long",
+    ),
     "mp3 over the duration cap": (_silent_mp3(MAX_SECONDS + 5), 413, "audio_too_long"),
     "corrupt mp3": (b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 8, 400, "invalid_audio"),
     "over 25 MB": (b"RIFF" + bytes(25 * 2**20), 413, "file_too_large"),
@@ -400,7 +432,7 @@ def test_models_readiness_and_metrics(server, speech):
     assert metric_value(text, "whisper_requests_total", status="500") == 0
 
 
-# Fair turns across requests, and a bounded queue (services/window_scheduler.py)
+# Fair turns across requests, and a bounded queue (services/whisper/window_scheduler.py)
 
 FAIR_QUEUE_WINDOWS = 11  # the 3-minute recording (7 chunks) and four short clips fit; two long ones do not
 
@@ -448,7 +480,7 @@ def test_short_clips_finish_before_a_long_recording_sent_first(fair_server, spee
 
     with ThreadPoolExecutor(max_workers=1 + len(shorts)) as pool:
         long = start_long_upload(pool, fair_server, speech, finished)
-        short_responses = dict(zip(shorts, pool.map(short, shorts)))
+        short_responses = dict(zip(shorts, pool.map(short, shorts), strict=True))
         long_response = long.result()
 
     assert long_response.status_code == 200, long_response.text

@@ -14,7 +14,9 @@ HEAVY = ("torch", "whisper", "transformers", "torchvision")
 def heavy_modules_imported(families: str) -> list[str]:
     code = f"import sys, services.gateway; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     env = {**os.environ, "MULTIMODAL_FAMILIES": families}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     return [m for m in result.stdout.strip().split(",") if m]
 
 

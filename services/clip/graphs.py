@@ -1,0 +1,149 @@
+"""CLIP's towers on fixed batch shapes, replayed as CUDA graphs on a GPU.
+
+Why: a ViT-L/14 forward is about 400 kernel launches. Launched op by op from Python they cost
+milliseconds of CPU per batch, and every op releases and retakes the GIL, so under load the
+encoder thread queues behind the worker's event loop at each of them (text batches took 40-58 ms
+in the service against 5-7 ms raw, bench/RESULTS.md). A CUDA graph launches the whole forward in
+one call, and the thread is free to decode the next images while the GPU runs.
+
+A graph has fixed shapes, so batches are padded up to the next captured size (powers of two up
+to the largest batch) and the padding rows are dropped. Texts are also padded to a captured
+length, with the tokenizer's pad token and a zero attention mask: exactly what ``padding=True``
+does for the shorter texts of any batch, so a text's embedding does not depend on it (CLIP's
+text tower is causal and pools at the end-of-text token).
+
+``capture=False`` runs the same padded buffers eagerly: the tests check the padding on a CPU,
+where graphs do not exist; the service on a CPU does not pad at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from itertools import product
+
+import torch
+
+Forward = Callable[..., torch.Tensor]
+
+
+def batch_sizes(largest: int) -> list[int]:
+    """Powers of two below ``largest``, then ``largest``: padding wastes at most half a batch."""
+    sizes = [1 << i for i in range(largest.bit_length()) if 1 << i < largest]
+    return [*sizes, largest]
+
+
+def smallest_fitting(sizes: Sequence[int], n: int) -> int:
+    return min(size for size in sizes if size >= n)
+
+
+class _Shape:
+    """Static input buffers of one shape and, when captured, the graph that reads them."""
+
+    def __init__(
+        self, forward: Forward, inputs: dict[str, torch.Tensor], capture: bool, pool, warmups: int = 2
+    ) -> None:
+        self.forward, self.inputs, self.graph = forward, inputs, None
+        if not capture:
+            return
+        # torch's recipe: warm up on a side stream (lazy initialisation, cuBLAS workspaces), then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                forward(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = forward(**inputs)
+
+    def run(self, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of the forward over the buffers, as a tensor of its own.
+
+        A copy, because graphs of one tower share a memory pool: the next replay may overwrite
+        this output."""
+        if self.graph is None:
+            return self.forward(**self.inputs)[:rows]
+        self.graph.replay()
+        return self.output[:rows].clone()
+
+
+class GraphedImageTower:
+    """``forward(pixel_values)`` on batches padded to captured sizes."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        image_size: int,
+        largest_batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        capture: bool,
+    ) -> None:
+        self.sizes = batch_sizes(largest_batch)
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        self._lock = threading.Lock()  # one set of buffers; with batching off, calls come from several threads
+        self._shapes: dict[int, _Shape] = {}
+        with torch.inference_mode():
+            for size in sorted(self.sizes, reverse=True):  # largest first: the smaller graphs reuse its pool
+                pixels = torch.zeros(size, 3, image_size, image_size, device=device, dtype=dtype)
+                self._shapes[size] = _Shape(forward, {"pixel_values": pixels}, capture, pool)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for part in pixel_values.split(self.sizes[-1]):
+            shape = self._shapes[smallest_fitting(self.sizes, len(part))]
+            with self._lock:
+                shape.inputs["pixel_values"][: len(part)].copy_(part)
+                parts.append(shape.run(len(part)))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class GraphedTextTower:
+    """``forward(input_ids, attention_mask)`` on batches padded to captured sizes and lengths."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        max_length: int,
+        pad_token_id: int,
+        largest_batch: int,
+        device: torch.device,
+        capture: bool,
+    ) -> None:
+        self.sizes = batch_sizes(largest_batch)
+        self.lengths = sorted({min(length, max_length) for length in (16, 32, 64)} | {max_length})
+        self.pad_token_id = pad_token_id
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        self._lock = threading.Lock()
+        self._shapes: dict[tuple[int, int], _Shape] = {}
+        with torch.inference_mode():
+            for size, length in sorted(product(self.sizes, self.lengths), reverse=True):
+                inputs = {
+                    "input_ids": torch.full((size, length), pad_token_id, device=device, dtype=torch.long),
+                    "attention_mask": self._padding_mask(size, length, device),
+                }
+                self._shapes[(size, length)] = _Shape(forward, inputs, capture, pool)
+
+    @staticmethod
+    def _padding_mask(size: int, length: int, device: torch.device) -> torch.Tensor:
+        # Padding rows attend to their first token: a row with no token to attend to is NaN in SDPA.
+        mask = torch.zeros(size, length, device=device, dtype=torch.long)
+        mask[:, 0] = 1
+        return mask
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = smallest_fitting(self.lengths, input_ids.shape[1])
+        parts = []
+        for ids, mask in zip(input_ids.split(self.sizes[-1]), attention_mask.split(self.sizes[-1]), strict=True):
+            rows = len(ids)
+            shape = self._shapes[(smallest_fitting(self.sizes, rows), length)]
+            with self._lock:
+                static_ids, static_mask = shape.inputs["input_ids"], shape.inputs["attention_mask"]
+                static_ids.fill_(self.pad_token_id)
+                static_mask.zero_()
+                static_mask[:, 0] = 1
+                static_ids[:rows, : ids.shape[1]].copy_(ids)
+                static_mask[:rows, : mask.shape[1]].copy_(mask)
+                parts.append(shape.run(rows))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

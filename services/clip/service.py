@@ -1,0 +1,111 @@
+"""CLIP model service: batchable image and text encoders.
+
+Requests from every caller meet in BentoML's adaptive batcher, which sends one batch at a
+time to ``encode_images`` / ``encode_texts`` (sizes from configuration). Images arrive as the
+client's encoded bytes; ``services.clip.encoder`` decodes, preprocesses and encodes them, on the
+GPU where there is one (in half precision, with SDPA attention and CUDA graphs). Embeddings come
+back L2-normalised as float32, so a dot product is the cosine similarity. The entry service
+(``services.gateway``) composes this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+
+from configuration.profiles import model_spec
+from configuration.settings import get_settings
+from services.clip.protocol import ClipModelCard
+from services.common import metrics
+from services.common.device import torch_device
+from services.common.model_service import model_service
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+# Bump when our preprocessing or the cached rows' layout changes in a way the processor config
+# does not show: it is part of every cache key, so stale embeddings are never served.
+PREPROCESSING_CODE_VERSION = "2"
+
+
+# Adaptive batching of the encoders. BentoML needs a max batch size above 1; at 1 (batching off,
+# to measure what batching is worth) the encoders are plain APIs and the entry service sends one
+# item per call.
+if settings.clip_max_batch_size > 1:
+    encoder_api = bentoml.api(
+        batchable=True, max_batch_size=settings.clip_max_batch_size, max_latency_ms=settings.clip_max_latency_ms
+    )
+else:
+    encoder_api = bentoml.api
+
+
+@model_service("CLIP", workers=settings.clip_workers)
+class CLIP:
+    model_ref = bentoml.models.BentoModel(model_spec("clip").tag)
+
+    def __init__(self) -> None:
+        # torch and transformers: only in this service's process
+        from services.clip.encoder import ClipEncoder, EncoderOptions
+
+        device = torch_device()
+        path = Path(self.model_ref.path)
+        options = EncoderOptions(
+            preprocessing=settings.clip_preprocessing,
+            decode_threads=settings.clip_decode_threads,
+            largest_batch=settings.clip_max_batch_size,
+            cuda_graphs=settings.clip_cuda_graphs,
+        )
+        self.encoder = ClipEncoder(path, device, options)
+        self.card = ClipModelCard(
+            model=str(self.model_ref.tag.name),
+            revision=str(self.model_ref.tag.version),
+            preprocessing=self._preprocessing_version(path, settings.clip_preprocessing),
+            device=str(device),
+            embedding_dim=self.encoder.embedding_dim,
+            logit_scale=self.encoder.logit_scale,
+        )
+        log.info(
+            "CLIP %s on %s (%s, %s preprocessing, CUDA graphs %s)",
+            self.model_ref.tag,
+            device,
+            self.encoder.dtype,
+            settings.clip_preprocessing,
+            "on" if self.encoder.graphs else "off",
+        )
+
+    def _preprocessing_version(self, path: Path, mode: str) -> str:
+        config = b"".join(p.read_bytes() for p in sorted(path.glob("*processor_config.json")))
+        digest = hashlib.sha256(config + PREPROCESSING_CODE_VERSION.encode()).hexdigest()[:12]
+        dtype = str(self.encoder.dtype).removeprefix("torch.")
+        return f"{digest}-{mode}-{self.encoder.device.type}-{dtype}"
+
+    @encoder_api
+    def encode_images(self, images: list[bytes]) -> np.ndarray:
+        """Embeddings of encoded images (as the client sent them); a row of NaN where one does not decode."""
+        started = time.perf_counter()
+        embeddings = self.encoder.encode_images(images)
+        self._observe("image", len(images), started)
+        return embeddings
+
+    @encoder_api
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """One row per text: its embedding, then its token count as the encoder saw it (OpenAI's ``usage``)."""
+        started = time.perf_counter()
+        rows = self.encoder.encode_texts(texts)
+        self._observe("text", len(texts), started)
+        return rows
+
+    @staticmethod
+    def _observe(kind: str, size: int, started: float) -> None:
+        metrics.EMBEDDING_DURATION.labels(kind).observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.labels(kind).observe(size)
+        metrics.record_gpu()
+
+    @bentoml.api
+    def describe(self) -> ClipModelCard:
+        return self.card

@@ -1,0 +1,180 @@
+"""Whisper model service: openai-whisper's model, batched over 30-second windows.
+
+Whisper hears audio in fixed 30-second log-mel windows, and openai-whisper's ``decode`` takes
+a batch of them. This service holds the model and nothing else: the per-request algorithm
+(``whisper.transcribe``'s seeking, fallbacks and timestamp rules) runs in the entry service
+(``services.whisper.api``), which sends each window it needs decoded here. BentoML's adaptive
+batcher merges the windows of every request in flight, from different requests and from the
+chunks of one long recording alike, into one ``decode_windows`` call; that call groups them
+by ``DecodingOptions`` (one decoding task takes one set) and runs a single batched encoder
+and decoder pass per group. The language is not part of the grouping: windows in different
+languages share a pass, each row starting with its own language token (``_MixedLanguageTask``).
+Greedy decoding of a batch gives each window the tokens it gets alone: rows never interact.
+
+On a GPU, the Linear, Conv1d and Embedding weights are stored in fp16 once: openai-whisper
+otherwise casts fp32 parameters to fp16 on every forward, which makes a decoder step ~3x
+slower (57 ms against 16-17 ms at large-v3 shapes on an H200; bench/whisper_gpu_decode.py
+measures it); LayerNorm stays fp32, as openai-whisper computes it in fp32 anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import torch
+import whisper
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
+from whisper.timing import find_alignment
+from whisper.tokenizer import get_tokenizer
+
+from configuration.profiles import model_spec
+from configuration.settings import get_settings
+from services.common import metrics
+from services.common.device import torch_device
+from services.common.model_service import model_service
+from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+CHECKPOINT = "model.pt"  # bentos.tiny.whisper writes it; bentos.import_models renames downloads to it
+
+
+class _MixedLanguageTask(DecodingTask):
+    """openai-whisper's decoding task with a language per row of the batch.
+
+    ``DecodingTask.run`` already writes one language token per row (at ``sot_index + 1``)
+    when it detects languages itself; this writes the given ones instead. Nothing else in the
+    task depends on the language: suppressed tokens, timestamp rules and text decoding are
+    the same for every language of a multilingual tokenizer.
+    """
+
+    def __init__(self, model: Any, options: DecodingOptions, languages: list[str]) -> None:
+        super().__init__(model, options)
+        self.languages = languages
+        self.language_tokens = torch.tensor([self.tokenizer.to_language_token(language) for language in languages])
+
+    def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor) -> tuple[list[str], None]:
+        tokens[:, self.sot_index + 1] = self.language_tokens
+        return self.languages, None
+
+
+@model_service("Whisper")
+class Whisper:
+    model_ref = bentoml.models.BentoModel(model_spec("whisper").tag)
+
+    def __init__(self) -> None:
+        self.device = torch_device()
+        self.model = whisper.load_model(str(Path(self.model_ref.path) / CHECKPOINT), device=self.device).eval()
+        self.fp16 = self.device.type == "cuda"
+        if self.fp16:
+            for module in self.model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Embedding)):
+                    module.half()
+        self.dtype = torch.float16 if self.fp16 else torch.float32
+        # Model calls run one at a time (BentoML's default of one thread per service does so
+        # too): find_alignment hooks the decoder's cross-attention, and a decode running
+        # beside it would feed those hooks.
+        self._lock = threading.Lock()
+        dims = asdict(self.model.dims)
+        self.card = WhisperModelCard(
+            model=str(self.model_ref.tag.name),
+            revision=str(self.model_ref.tag.version),
+            device=str(self.device),
+            dims=dims,
+            multilingual=self.model.is_multilingual,
+            num_languages=self.model.num_languages,
+        )
+        log.info("Whisper %s on %s (%s)", self.model_ref.tag, self.device, self.dtype)
+
+    def _mels(self, mels: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(mels)).to(self.device, self.dtype)
+
+    def _options(self, options: dict[str, Any]) -> DecodingOptions:
+        known = {f.name for f in fields(DecodingOptions)}
+        # The caller does not know this process's precision; the weights decide it.
+        return DecodingOptions(**{**{k: v for k, v in options.items() if k in known}, "fp16": self.fp16})
+
+    def _observe(self, kind: str, size: int, started: float) -> None:
+        metrics.WHISPER_BATCH_SIZE.labels(kind).observe(size)
+        metrics.WHISPER_BATCH_DURATION.labels(kind).observe(time.perf_counter() - started)
+        metrics.record_gpu()
+
+    def _group_key(self, options: dict[str, Any]) -> str:
+        """Windows whose options differ only in a given language decode together."""
+        if self.model.is_multilingual and options.get("language") is not None:
+            options = {k: v for k, v in options.items() if k != "language"}
+        return json.dumps(options, sort_keys=True, default=str)
+
+    def _decode(self, mel: torch.Tensor, options: DecodingOptions, languages: list[str | None]) -> list[DecodingResult]:
+        if self.model.is_multilingual and None not in languages:
+            return _MixedLanguageTask(self.model, options, languages).run(mel)  # type: ignore[arg-type]
+        return whisper.decode(self.model, mel, options)
+
+    @bentoml.api(
+        batchable=True, max_batch_size=settings.whisper_max_batch_size, max_latency_ms=settings.whisper_max_latency_ms
+    )
+    def decode_windows(self, jobs: list[WindowJob]) -> list[WindowResult]:
+        """Decode windows from any number of requests: one batched pass per set of options."""
+        groups: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(self._group_key(job.options), []).append(i)
+        results: list[WindowResult | None] = [None] * len(jobs)
+        for indices in groups.values():
+            started = time.perf_counter()
+            options = self._options(jobs[indices[0]].options)
+            languages = [jobs[i].options.get("language") for i in indices]
+            with self._lock, torch.no_grad():
+                decoded = self._decode(self._mels([jobs[i].mel for i in indices]), options, languages)
+            for i, result in zip(indices, decoded, strict=True):
+                results[i] = WindowResult(
+                    language=result.language,
+                    tokens=result.tokens,
+                    text=result.text,
+                    avg_logprob=result.avg_logprob,
+                    no_speech_prob=result.no_speech_prob,
+                    temperature=result.temperature,
+                    compression_ratio=result.compression_ratio,
+                )
+            self._observe("decode", len(indices), started)
+        return results  # type: ignore[return-value]
+
+    @bentoml.api(
+        batchable=True, max_batch_size=settings.whisper_max_batch_size, max_latency_ms=settings.whisper_max_latency_ms
+    )
+    def detect_language(self, mels: list[Mel]) -> list[dict[str, float]]:
+        """Language probabilities of each window (``whisper.decoding.detect_language``, batched)."""
+        started = time.perf_counter()
+        with self._lock, torch.no_grad():
+            _, probabilities = detect_language(self.model, self._mels(mels))
+        self._observe("detect_language", len(mels), started)
+        return probabilities
+
+    @bentoml.api
+    def align_words(self, job: AlignJob) -> list[WordTiming]:
+        """Word timings of one window's text from cross-attention and DTW (``find_alignment``)."""
+        tokenizer = get_tokenizer(
+            self.model.is_multilingual, num_languages=self.model.num_languages, language=job.language, task=job.task
+        )
+        mel = torch.from_numpy(np.array(job.mel)).to(self.device, self.dtype)
+        with self._lock:
+            timings = find_alignment(
+                self.model, tokenizer, job.text_tokens, mel, job.num_frames,
+                medfilt_width=job.medfilt_width, qk_scale=job.qk_scale,
+            )  # fmt: skip
+        return [
+            WordTiming(word=t.word, tokens=t.tokens, start=t.start, end=t.end, probability=t.probability)
+            for t in timings
+        ]
+
+    @bentoml.api
+    def describe(self) -> WhisperModelCard:
+        return self.card
