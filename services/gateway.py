@@ -32,6 +32,7 @@ from services.common import metrics
 from services.common.auth import APIKeyMiddleware, document_bearer_auth
 from services.common.errors import (
     APIError,
+    NotFoundInErrorShape,
     document_errors_truthfully,
     error_response,
     error_responses,
@@ -167,6 +168,9 @@ class Gateway:
 app.add_middleware(metrics.RequestMetricsMiddleware, families=ROUTE_FAMILIES)
 app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
 app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+# Around BentoML's outer router too, whose own 404 for an unknown path is text/plain.
+as_service(Gateway).add_asgi_middleware(NotFoundInErrorShape)
 
 # Optional API keys (services/common/auth.py): on the whole BentoML app, so that /metrics and BentoML's own
 # routes are covered too, not only the FastAPI routes.

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +189,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, "internal error", code="internal_error")
+
+
+class NotFoundInErrorShape:
+    """A path no route has is answered by BentoML's outer router, which mounts this API and its
+    own routes, with a text/plain 404 of its own. This middleware, around that router, answers
+    such a 404 in the one error shape instead; a 404 already in it (``not_served``) passes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_in_error_shape(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if not content_type.startswith(b"application/json"):
+                    replaced = True
+                    response = error_response(404, f"no route {scope['path']}", code="not_found")
+                    await response(scope, receive, send)
+                    return
+            if not replaced:  # the replaced response's own body is dropped
+                await send(message)
+
+        await self.app(scope, receive, send_in_error_shape)

@@ -365,11 +365,7 @@ CASES: dict[str, Case] = {
     "unknown route": Case("/v2/embeddings", 404, "not_found", json=embed("a")),
 }
 # Defects this corpus found that are not fixed here: strict, so a fix shows as a passing xfail.
-KNOWN_DEFECTS = {
-    "unknown route": (
-        "BentoML's outer router answers a path no service has with its own text/plain 404, not the error shape"
-    ),
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def send(server, case: Case) -> httpx.Response:

@@ -84,3 +84,28 @@ def test_an_embedding_call_broken_by_a_dying_worker_is_sent_once_more():
 
     assert asyncio.run(retry_once_on_connection_error(call)(["a", "b"])).shape == (2, 2)
     assert calls == [2, 2]
+
+
+def test_a_plain_404_from_an_outer_router_comes_back_in_the_error_shape() -> None:
+    # What BentoML's outer router does for a path no route has: Starlette's text/plain 404.
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from services.common.errors import NotFoundInErrorShape, error_response
+
+    async def not_served(request):
+        return error_response(404, "this deployment does not serve llava", code="not_served")
+
+    outer = Starlette(routes=[Route("/v1/chat/completions", not_served, methods=["POST"])])
+    outer.add_route("/plain", lambda request: PlainTextResponse("ok"))
+    client = TestClient(NotFoundInErrorShape(outer))
+
+    unknown = client.post("/v2/embeddings", json={"input": "a"})
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
+    assert unknown.json() == {
+        "error": {"message": "no route /v2/embeddings", "type": "not_found_error", "param": None, "code": "not_found"}
+    }
+    # A 404 already in the error shape, and any other answer, pass unchanged.
+    assert client.post("/v1/chat/completions").json()["error"]["code"] == "not_served"
+    assert client.get("/plain").text == "ok"
