@@ -23,7 +23,7 @@ from configuration.settings import get_settings
 from services.clip.protocol import ClipModelCard
 from services.common import metrics
 from services.common.device import torch_device
-from services.common.model_service import model_service
+from services.common.model_service import batched_api, model_service
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -33,15 +33,9 @@ settings = get_settings()
 PREPROCESSING_CODE_VERSION = "2"
 
 
-# Adaptive batching of the encoders. BentoML needs a max batch size above 1; at 1 (batching off,
-# to measure what batching is worth) the encoders are plain APIs and the entry service sends one
-# item per call.
-if settings.clip_max_batch_size > 1:
-    encoder_api = bentoml.api(
-        batchable=True, max_batch_size=settings.clip_max_batch_size, max_latency_ms=settings.clip_max_latency_ms
-    )
-else:
-    encoder_api = bentoml.api
+# Adaptive batching of the encoders (a plain API at a max batch size of 1, where the entry
+# service sends one item per call).
+encoder_api = batched_api(settings.clip_max_batch_size, settings.clip_max_latency_ms)
 
 
 @model_service("CLIP", workers=settings.clip_workers)

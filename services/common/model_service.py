@@ -35,3 +35,12 @@ def model_service(name: str, **options: Any) -> Callable[[type[T]], bentoml.Serv
         runner_connection=ONE_CLIENT_SESSION,
         **options,
     )
+
+
+def batched_api(max_batch_size: int, max_latency_ms: int) -> Any:
+    """``@bentoml.api`` with adaptive batching up to ``max_batch_size`` items. BentoML refuses a
+    batchable API with a max batch size of 1, so at 1 (batching off, to measure what batching is
+    worth) the API is a plain one: each call's list is one batch, and callers send one item a call."""
+    if max_batch_size > 1:
+        return bentoml.api(batchable=True, max_batch_size=max_batch_size, max_latency_ms=max_latency_ms)
+    return bentoml.api

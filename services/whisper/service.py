@@ -39,11 +39,13 @@ from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.common import metrics
 from services.common.device import torch_device
-from services.common.model_service import model_service
+from services.common.model_service import batched_api, model_service
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
 
 log = logging.getLogger(__name__)
 settings = get_settings()
+# Batches of 30-second windows from every request (a plain API at a max batch size of 1).
+window_api = batched_api(settings.whisper_max_batch_size, settings.whisper_max_latency_ms)
 
 CHECKPOINT = "model.pt"  # bentos.tiny.whisper writes it; bentos.import_models renames downloads to it
 
@@ -119,9 +121,7 @@ class Whisper:
             return _MixedLanguageTask(self.model, options, languages).run(mel)  # type: ignore[arg-type]
         return whisper.decode(self.model, mel, options)
 
-    @bentoml.api(
-        batchable=True, max_batch_size=settings.whisper_max_batch_size, max_latency_ms=settings.whisper_max_latency_ms
-    )
+    @window_api
     def decode_windows(self, jobs: list[WindowJob]) -> list[WindowResult]:
         """Decode windows from any number of requests: one batched pass per set of options."""
         groups: dict[str, list[int]] = {}
@@ -147,9 +147,7 @@ class Whisper:
             self._observe("decode", len(indices), started)
         return results  # type: ignore[return-value]
 
-    @bentoml.api(
-        batchable=True, max_batch_size=settings.whisper_max_batch_size, max_latency_ms=settings.whisper_max_latency_ms
-    )
+    @window_api
     def detect_language(self, mels: list[Mel]) -> list[dict[str, float]]:
         """Language probabilities of each window (``whisper.decoding.detect_language``, batched)."""
         started = time.perf_counter()
