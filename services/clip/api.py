@@ -73,9 +73,11 @@ class ClipAPI:
     async def search(self, request: SearchRequest) -> SearchResponse:
         self._check_texts(request.texts, "texts")
         image = self._read(request.image_data, "image_data")
+        card = await self.embedder.card()  # one model for the image and the texts
         with self.pixels.admit(image.pixels, param="image_data"):
             image_vectors, (text_vectors, _) = await asyncio.gather(
-                self.embedder.embed_images([image], ["image_data"]), self.embedder.embed_texts(request.texts)
+                self.embedder.embed_images([image], ["image_data"], card),
+                self.embedder.embed_texts(request.texts, card),
             )
         similarities = text_vectors @ image_vectors[0]
         for score in similarities:
@@ -95,11 +97,10 @@ class ClipAPI:
         self._check_texts(request.labels, "labels")
         image = self._read(request.image_data, "image_data")
         prompts = [request.template.replace("{}", label) for label in request.labels]
+        card = await self.embedder.card()  # one model for the image, the prompts and the logit scale
         with self.pixels.admit(image.pixels, param="image_data"):
-            card, image_vectors, (text_vectors, _) = await asyncio.gather(
-                self.embedder.card(),
-                self.embedder.embed_images([image], ["image_data"]),
-                self.embedder.embed_texts(prompts),
+            image_vectors, (text_vectors, _) = await asyncio.gather(
+                self.embedder.embed_images([image], ["image_data"], card), self.embedder.embed_texts(prompts, card)
             )
         probabilities = _softmax(card.logit_scale * (text_vectors @ image_vectors[0]))
         ranked = sorted(zip(request.labels, probabilities.tolist(), strict=True), key=lambda pair: -pair[1])
@@ -131,9 +132,9 @@ class ClipAPI:
         # conservative; a cached image costs no decoding, so this can only refuse early, never admit too much).
         if images:
             with self.pixels.admit(sum(image.pixels for image in images), param="input"):
-                vectors[image_at] = await self.embedder.embed_images(images, [f"input[{i}]" for i in image_at])
+                vectors[image_at] = await self.embedder.embed_images(images, [f"input[{i}]" for i in image_at], card)
         if texts:
-            vectors[text_at], counts = await self.embedder.embed_texts(texts)
+            vectors[text_at], counts = await self.embedder.embed_texts(texts, card)
             tokens = int(counts.sum())
 
         def encode(vector: np.ndarray) -> list[float] | str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from configuration.settings import Settings
 from services.clip.cache import EmbeddingCache, Kind, ModelVersion
-from services.clip.protocol import ClipModelCard, split_text_rows
+from services.clip.protocol import ClipModelCard, split_fingerprint, split_text_rows
 from services.common import metrics
 from services.common.card_cache import LazyCardCache
 from services.common.coalescing import Coalescer
@@ -72,21 +72,26 @@ class ClipEmbedder:
     async def card(self) -> ClipModelCard:
         return await self._card.get()
 
-    async def embed_images(self, images: list[EncodedImage], params: list[str]) -> np.ndarray:
-        """L2-normalised embeddings; 400 naming ``params[i]`` for an image that does not decode."""
-        vectors = await self._embed("image", [image.data for image in images], [image.sha256 for image in images])
+    async def embed_images(
+        self, images: list[EncodedImage], params: list[str], card: ClipModelCard | None = None
+    ) -> np.ndarray:
+        """L2-normalised embeddings; 400 naming ``params[i]`` for an image that does not decode.
+
+        ``card`` is the model the caller's other vectors come from (one request never mixes two
+        models); the current card when not given. 503 ``model_changed`` if another model answers."""
+        data, sha256s = [image.data for image in images], [image.sha256 for image in images]
+        vectors = await self._embed("image", data, sha256s, card or await self.card())
         for i, vector in enumerate(vectors):
             if np.isnan(vector[0]):
                 raise APIError(400, "image could not be decoded", code="invalid_image", param=params[i])
         return vectors
 
-    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """L2-normalised embeddings and each text's token count."""
+    async def embed_texts(self, texts: list[str], card: ClipModelCard | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """L2-normalised embeddings and each text's token count (``card`` as in ``embed_images``)."""
         sha256s = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
-        return split_text_rows(await self._embed("text", texts, sha256s))
+        return split_text_rows(await self._embed("text", texts, sha256s, card or await self.card()))
 
-    async def _embed(self, kind: Kind, items: list[Any], sha256s: list[str]) -> np.ndarray:
-        card = await self.card()
+    async def _embed(self, kind: Kind, items: list[Any], sha256s: list[str], card: ClipModelCard) -> np.ndarray:
         version = ModelVersion(card.model, card.revision, card.preprocessing)
         keys = [version.key(kind, sha) for sha in sha256s]
         found = await self._cache.get_many(keys)
@@ -97,7 +102,14 @@ class ClipEmbedder:
             # The same content twice in one request is encoded once.
             unique = {keys[i]: i for i in missing}
             with metrics.queued("clip"):
-                encoded = await self._encode[kind]([items[i] for i in unique.values()])
+                encoded, fingerprints = split_fingerprint(await self._encode[kind]([items[i] for i in unique.values()]))
+            if fingerprints != {card.fingerprint}:
+                # Another model answered than the card says (a rolling update of the CLIP service):
+                # its vectors must neither be stored under this card's keys nor meet this card's
+                # vectors in one answer. The client retries; by then the card is asked for again.
+                log.warning("CLIP answered with model %s, not %s: forgetting its card", fingerprints, card.fingerprint)
+                self._card.forget(card)
+                raise APIError(503, "the CLIP model changed during this request; retry it", code="model_changed")
             fresh = dict(zip(unique, encoded, strict=True))
             # An image that did not decode (a row of NaN) is not worth remembering.
             await self._cache.set_many(

@@ -3,6 +3,7 @@ entry service (its card, its text rows). Pydantic and numpy only: importing this
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import numpy as np
@@ -93,6 +94,24 @@ class ClipModelCard(BaseModel):
     device: str
     embedding_dim: int
     logit_scale: float  # exp of the learned temperature: softmax(scale * cosine) = CLIP's probabilities
+
+    @property
+    def fingerprint(self) -> int:
+        """What encoded a vector, as a number that a float32 column holds exactly (24 bits): the CLIP
+        service appends it to every row it returns, so the entry service can tell when the model
+        behind its cached card has changed (a rolling update under a shared cache)."""
+        identity = f"{self.model}|{self.revision}|{self.preprocessing}|{self.embedding_dim}".encode()
+        return int.from_bytes(hashlib.sha256(identity).digest()[:3], "big")
+
+
+def with_fingerprint(rows: np.ndarray, fingerprint: int) -> np.ndarray:
+    """The CLIP service's answer: each row followed by the fingerprint of the model that made it."""
+    return np.hstack([rows, np.full((len(rows), 1), fingerprint, dtype=rows.dtype)])
+
+
+def split_fingerprint(rows: np.ndarray) -> tuple[np.ndarray, set[int]]:
+    """The rows without their fingerprint column, and the fingerprints found in it."""
+    return rows[:, :-1], {int(value) for value in np.unique(rows[:, -1])}
 
 
 def split_text_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
-from services.clip.protocol import ClipModelCard
+from services.clip.protocol import ClipModelCard, with_fingerprint
 from services.common import metrics
 from services.common.device import torch_device
 from services.common.model_service import batched_api, model_service
@@ -80,19 +80,21 @@ class CLIP:
 
     @encoder_api
     def encode_images(self, images: list[bytes]) -> np.ndarray:
-        """Embeddings of encoded images (as the client sent them); a row of NaN where one does not decode."""
+        """Embeddings of encoded images (as the client sent them); a row of NaN where one does not decode.
+        Each row ends with the model's fingerprint (``ClipModelCard.fingerprint``)."""
         started = time.perf_counter()
         embeddings = self.encoder.encode_images(images)
         self._observe("image", len(images), started)
-        return embeddings
+        return with_fingerprint(embeddings, self.card.fingerprint)
 
     @encoder_api
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """One row per text: its embedding, then its token count as the encoder saw it (OpenAI's ``usage``)."""
+        """One row per text: its embedding, its token count as the encoder saw it (OpenAI's ``usage``),
+        then the model's fingerprint."""
         started = time.perf_counter()
         rows = self.encoder.encode_texts(texts)
         self._observe("text", len(texts), started)
-        return rows
+        return with_fingerprint(rows, self.card.fingerprint)
 
     @staticmethod
     def _observe(kind: str, size: int, started: float) -> None:

@@ -1,7 +1,8 @@
 """A lazy cache of a model service's card (model, revision, ...): asked for on first use, then kept.
 
-The card cannot change while the service runs, and the first requests after start-up arrive
-together: one lock makes them share a single call.
+A card does not change while one model service runs, and the first requests after start-up arrive
+together: one lock makes them share a single call. A caller that learns the service behind it has
+changed (a rolling update) forgets the card, and the next use asks again.
 """
 
 from __future__ import annotations
@@ -31,3 +32,8 @@ class LazyCardCache(Generic[Card]):
                 if self._card is None:
                     self._card = await self._service.describe()
         return self._card
+
+    def forget(self, stale: Card) -> None:
+        """Drop the card if it is still ``stale`` (another caller may have fetched a newer one)."""
+        if self._card is stale:
+            self._card = None
