@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from bench.load import LevelResult, run_level
+from bench.serving import ServedProduct
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
@@ -351,14 +352,12 @@ def gpu_kernels(encoder, pixels, jpegs: list[bytes], top: int = 15) -> list[tupl
 # The service
 
 
-class Server:
+class Server(ServedProduct):
+    """The product serving only CLIP at a published shape (random weights), every request reaching the model."""
+
     def __init__(self, home: Path, shape: str, port: int, gateway_workers: int, **env: str) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        environment = {
-            **os.environ,
+        settings = {
             "BENTOML_HOME": str(home),
-            "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
-            "BENTOML_DO_NOT_TRACK": "true",
             "MULTIMODAL_PROFILE": "production",
             "MULTIMODAL_CLIP_MODEL": TAGS[shape],
             "MULTIMODAL_FAMILIES": "clip",
@@ -366,38 +365,8 @@ class Server:
             "MULTIMODAL_GATEWAY_WORKERS": str(gateway_workers),
             "MULTIMODAL_CLIP_WORKERS": os.environ.get("MULTIMODAL_CLIP_WORKERS", "1"),
             "MULTIMODAL_MAX_CONCURRENT_REQUESTS": "1024",
-            **env,
         }
-        self.log = home / f"serve-{port}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "services.gateway:Gateway",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-        ]
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-4000:]}")
+        super().__init__(port, home / f"serve-{port}.log", **{**settings, **env})
 
     def totals(self, kind: str) -> dict[str, float]:
         """Counters of the CLIP service and of each service's HTTP requests, summed over workers."""
@@ -431,13 +400,6 @@ class Server:
             with contextlib.suppress(psutil.Error):
                 roles["clip" if "--service-name CLIP" in " ".join(child.cmdline()) else "entry"].append(child)
         return roles
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 class GpuSampler:

@@ -18,10 +18,8 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,6 +33,7 @@ import httpx
 import psutil
 
 from bench.clip_gpu import photo_jpegs
+from bench.serving import ServedProduct
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 1_000_000  # a bound besides time
@@ -122,45 +121,6 @@ def routes(folder: Path) -> list[Route]:
             "transcribe (original)", "/transcribe", lambda i: {"files": {"audio": ("speech.wav", speech, "audio/wav")}}
         ),
     ]
-
-
-class Server:
-    """``bentoml serve`` of the whole product, on the tiny profile and the model store of ``make models``."""
-
-    def __init__(self, port: int, **env: str) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        environment = {
-            **os.environ,
-            "BENTOML_CONFIG": str(REPO / "configuration" / "bentoml.yaml"),
-            "BENTOML_DO_NOT_TRACK": "true",
-            "MULTIMODAL_PROFILE": "tiny",
-            **env,
-        }
-        self.log = Path(tempfile.mkdtemp(prefix="soak-")) / "serve.log"
-        command = [sys.executable, "-m", "bentoml", "serve", "services.gateway:Gateway", "--port", str(port)]
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def server_processes(url: str, started: subprocess.Popen | None) -> list[psutil.Process]:
@@ -295,7 +255,9 @@ def main() -> None:
         env = {"MULTIMODAL_GATEWAY_WORKERS": "1", "MULTIMODAL_MAX_CONCURRENT_REQUESTS": str(args.limit)}
         if args.burst:  # every request reaches the model, so that requests overlap
             env.update(MULTIMODAL_FAMILIES="clip", MULTIMODAL_CACHE_BACKEND="none")
-        server = Server(args.port, **env)
+        server = ServedProduct(
+            args.port, Path(tempfile.mkdtemp(prefix="soak-")) / "serve.log", MULTIMODAL_PROFILE="tiny", **env
+        )
         log("starting the product (bentoml serve, tiny profile)")
         server.wait_ready()
     url = args.url or server.url
