@@ -15,6 +15,7 @@ from typing import Any
 
 from configuration.families import TITLES
 from configuration.settings import Settings
+from deploy.spec import ENTRY_QUEUE_SHARE
 
 Rule = dict[str, Any]
 
@@ -44,7 +45,9 @@ class Thresholds:
     gpu_memory_percent: float = 90  # design: > 90% for 5 min, critical
     cache_hit_rate_floor: float = 0.6  # design: < 0.6 for 15 min, info
     error_ratio: float = 0.05  # 5xx answers
-    queue_share_of_limit: float = 0.8  # of MULTIMODAL_MAX_CONCURRENT_REQUESTS, past which 429s come
+    # Of MULTIMODAL_MAX_CONCURRENT_REQUESTS, past which 429s come; the entry service's per-family
+    # autoscaling targets add up to no more than this share (deploy/spec.py).
+    queue_share_of_limit: float = ENTRY_QUEUE_SHARE
     kv_cache_usage: float = 0.9  # vLLM preempts and queues requests when its KV cache is full
 
 
