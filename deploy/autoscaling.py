@@ -6,18 +6,24 @@ Prometheus scrapes it from every entry pod (ServiceMonitor), adding ``namespace`
 ``service`` labels. prometheus-adapter then serves it twice:
 
 - as a custom metric of each pod (``custom.metrics.k8s.io``, ``pods/queue_depth``): the entry
-  service's HPA averages it over its own pods;
+  service's HPA has one such metric per family it serves, selected by ``model`` (the adapter
+  adds a metric selector's labels to ``<<.LabelMatchers>>``), each averaged over its own pods
+  against that family's target. Families count in different units (CLIP calls of many items,
+  Whisper windows, LLaVA generations), so they are never summed; Kubernetes takes the largest
+  of the recommendations;
 - as an external metric (``external.metrics.k8s.io``, ``queue_depth``, selected by ``model``):
   a model service's HPA takes the namespace's total for its model with an ``AverageValue``
   target, which Kubernetes divides by that model's replica count. The model pods themselves
   hold no queue: requests wait in the entry service's calls, so that is where they are counted.
 
-KEDA's ScaledObject does the same with its Prometheus trigger (AverageValue divides by the
-replicas too) and creates the HPA itself; the KEDA component deletes ours.
+KEDA's ScaledObject does the same with its Prometheus triggers, one per family on the entry
+service (AverageValue divides by the replicas too), and creates the HPA itself; the KEDA
+component deletes ours.
 """
 
 from __future__ import annotations
 
+from configuration.families import Family
 from deploy.k8s import Manifest, metadata
 from deploy.spec import DeploymentSpec, ServiceSpec
 
@@ -44,12 +50,17 @@ def _cpu(service: ServiceSpec) -> Manifest:
     return {"type": "Resource", "resource": {"name": "cpu", "target": target}}
 
 
-def _queue(service: ServiceSpec) -> Manifest:
-    target = {"type": "AverageValue", "averageValue": str(service.autoscaling.queue_depth_per_pod)}
-    if service.is_entry:
-        return {"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC}, "target": target}}
-    metric = {"name": QUEUE_METRIC, "selector": {"matchLabels": {"model": service.family}}}
-    return {"type": "External", "external": {"metric": metric, "target": target}}
+def _queue(service: ServiceSpec) -> list[Manifest]:
+    """One queue metric per family the service scales on, each selected by ``model`` with its own target."""
+    metrics = []
+    for family, depth in service.autoscaling.queue_targets.items():
+        metric = {"name": QUEUE_METRIC, "selector": {"matchLabels": {"model": family}}}
+        target = {"type": "AverageValue", "averageValue": str(depth)}
+        if service.is_entry:  # the family's calls held by each entry pod, averaged over them
+            metrics.append({"type": "Pods", "pods": {"metric": metric, "target": target}})
+        else:  # the namespace's total for the family, divided by this service's replicas
+            metrics.append({"type": "External", "external": {"metric": metric, "target": target}})
+    return metrics
 
 
 def hpa(service: ServiceSpec, spec: DeploymentSpec) -> Manifest:
@@ -61,26 +72,36 @@ def hpa(service: ServiceSpec, spec: DeploymentSpec) -> Manifest:
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": service.name},
             "minReplicas": service.autoscaling.min_replicas,
             "maxReplicas": service.autoscaling.max_replicas,
-            "metrics": [_cpu(service), _queue(service)],
+            "metrics": [_cpu(service), *_queue(service)],
             "behavior": BEHAVIOR,
         },
     }
 
 
-def queue_query(service: ServiceSpec, spec: DeploymentSpec) -> str:
-    """The namespace's queue for one service, in PromQL: what KEDA divides by the replica count."""
-    if service.is_entry:
-        return f'sum({QUEUE_METRIC}{{namespace="{spec.namespace}",service="{service.name}"}})'
-    return f'sum({QUEUE_METRIC}{{namespace="{spec.namespace}",model="{service.family}"}})'
+def queue_query(service: ServiceSpec, family: Family, spec: DeploymentSpec) -> str:
+    """The namespace's queue of one family for one service, in PromQL: what KEDA divides by the replica count."""
+    where = (
+        f'namespace="{spec.namespace}",service="{service.name}",'
+        if service.is_entry
+        else f'namespace="{spec.namespace}",'
+    )
+    return f'sum({QUEUE_METRIC}{{{where}model="{family}"}})'
 
 
 def scaled_object(service: ServiceSpec, spec: DeploymentSpec) -> Manifest:
     scaling = service.autoscaling
-    prometheus = {
-        "serverAddress": spec.monitoring.prometheus_url,
-        "query": queue_query(service, spec),
-        "threshold": str(scaling.queue_depth_per_pod),
-    }
+    queues = [
+        {
+            "type": "prometheus",
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": spec.monitoring.prometheus_url,
+                "query": queue_query(service, family, spec),
+                "threshold": str(depth),
+            },
+        }
+        for family, depth in scaling.queue_targets.items()
+    ]
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -93,27 +114,43 @@ def scaled_object(service: ServiceSpec, spec: DeploymentSpec) -> Manifest:
             "advanced": {"horizontalPodAutoscalerConfig": {"name": service.name, "behavior": BEHAVIOR}},
             "triggers": [
                 {"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(scaling.cpu_utilization)}},
-                {"type": "prometheus", "metricType": "AverageValue", "metadata": prometheus},
+                *queues,
             ],
         },
     }
 
 
+def _or_zero(where: str) -> str:
+    """A 0 for every target Prometheus scrapes where ``where`` says, so that a queue never used is 0, not absent.
+
+    The gateway creates a family's ``queue_depth`` series at its first call to that family. An
+    HPA that gets no value for a metric (a family idle since every entry pod started) does not
+    scale down at all, and a pod missing from a Pods metric counts as at its target when scaling
+    down; so the adapter answers 0 for pods and namespaces that are scraped but never queued.
+    """
+    return f"sum(0 * (up{{{where}}} == 1)) by (<<.GroupBy>>)"
+
+
 def adapter_rules() -> dict[str, list[Manifest]]:
     """prometheus-adapter's rules (its config file's `rules` and `externalRules`)."""
-    query = "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"
+    queue = "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"
+    namespace = 'namespace="<<index .LabelValuesByName "namespace">>"'
+    pods = 'pod=~"<<index .LabelValuesByName "pod">>"'  # the HPA's pods, joined by |
     name = {"matches": f"^{QUEUE_METRIC}$", "as": QUEUE_METRIC}
+    # Only series with their `model` label. The entry HPA's metrics select on it: the adapter adds a
+    # metric selector's labels (model="clip") to <<.LabelMatchers>>, inside the series selector,
+    # so the sum by pod is that family's alone.
     per_pod = {
-        "seriesQuery": f'{QUEUE_METRIC}{{namespace!="",pod!=""}}',
+        "seriesQuery": f'{QUEUE_METRIC}{{namespace!="",pod!="",model!=""}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
         "name": name,
-        "metricsQuery": query,
+        "metricsQuery": f"{queue} or {_or_zero(namespace + ',' + pods)}",
     }
     per_model = {
         "seriesQuery": f'{QUEUE_METRIC}{{namespace!="",model!=""}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}}},
         "name": name,
-        "metricsQuery": query,
+        "metricsQuery": f"{queue} or {_or_zero(namespace)}",
     }
     return {"rules": [per_pod], "externalRules": [per_model]}
 

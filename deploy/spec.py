@@ -63,7 +63,12 @@ class Autoscaling:
     min_replicas: int
     max_replicas: int
     cpu_utilization: int  # percent of the CPU request
-    queue_depth_per_pod: int  # model calls waiting or in a batch, averaged over the scaled pods
+    # Per family (queue_depth{model}): its model calls waiting or in a batch, averaged over the
+    # scaled pods. Families count in their own units (a CLIP call carries a batch of items, a
+    # Whisper call one 30-second window, a LLaVA call one generation), so each has its own target
+    # and none is summed with another. A model service has its own family; the entry service one
+    # per family it serves, and Kubernetes scales on the largest recommendation.
+    queue_targets: Mapping[Family, int]
 
 
 @dataclass(frozen=True)
@@ -162,13 +167,37 @@ GATEWAY_READINESS_PATH = "/ready?require=any"
 MODEL_LOAD_SECONDS = {"gateway": 60, "clip": 180, "llava": 600, "whisper": 180}
 
 
-def queue_target(name: str, settings: Settings) -> int:
-    """Queue depth per pod the autoscaler aims at, from what one pod batches at once."""
-    if name == "llava":
+# Share of MULTIMODAL_MAX_CONCURRENT_REQUESTS that an entry pod's calls, all families together,
+# should stay under: past it QueueDepthHigh warns (deploy/alerts.py), and at the limit 429s come.
+ENTRY_QUEUE_SHARE = 0.8
+
+
+def queue_target(family: Family, settings: Settings) -> int:
+    """Queue depth per model pod the autoscaler aims at, from what one pod batches at once."""
+    if family == "llava":
         return 2 * settings.llava_max_num_seqs  # one running batch, one waiting
-    if name == "whisper":
+    if family == "whisper":
         return settings.whisper_max_batch_size
     return DESIGN_QUEUE_DEPTH_PER_POD
+
+
+def entry_queue_targets(families: list[Family], settings: Settings) -> dict[Family, int]:
+    """Per entry pod, each family's calls the entry service's autoscaler aims at.
+
+    The family's own per-pod target: the backlog one model pod of that family is sized to have
+    waiting, in that family's unit, so an entry pod scales out on the busiest family alone
+    (a CLIP burst no longer hides behind an idle LLaVA, nor do 8 LLaVA generations count as
+    8 of CLIP's 50 calls). Every family at its target at once must still leave an entry pod short
+    of its concurrency limit, since that limit counts all families together: at the defaults
+    50 + 8 + 16 = 74 calls, under QueueDepthHigh's 80 and the 100 past which it answers 429.
+    Settings that push the sum over that share scale every target down in proportion.
+    """
+    own = {family: queue_target(family, settings) for family in families}
+    budget = math.floor(ENTRY_QUEUE_SHARE * settings.max_concurrent_requests)
+    total = sum(own.values())
+    if total <= budget:
+        return own
+    return {family: max(1, target * budget // total) for family, target in own.items()}
 
 
 def _probes(name: str) -> tuple[Probe, Probe, Probe]:
@@ -198,6 +227,7 @@ def _probes(name: str) -> tuple[Probe, Probe, Probe]:
 
 def service_spec(name: str, profile: Profile, settings: Settings) -> ServiceSpec:
     production = profile == "production"
+    served = [family for family in FAMILIES if family in settings.families]
     startup, liveness, readiness = _probes(name)
     family: Family | None = None if name == "gateway" else name  # type: ignore[assignment]
     resources = (PRODUCTION_RESOURCES if production else TINY_RESOURCES)[name]
@@ -217,7 +247,9 @@ def service_spec(name: str, profile: Profile, settings: Settings) -> ServiceSpec
             min_replicas=3 if production else 1,
             max_replicas=20 if production else 3,
             cpu_utilization=70,
-            queue_depth_per_pod=queue_target(name, settings),
+            queue_targets=MappingProxyType(
+                entry_queue_targets(served, settings) if family is None else {family: queue_target(family, settings)}
+            ),
         ),
         gpu=gpu,
     )

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,11 +58,23 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
     assert (fired | quiet) - alerts == set(), "tests of alerts that no longer exist"
 
 
-def _adapter(query: str, series: str, matchers: str, group_by: str) -> str:
-    """prometheus-adapter's Go-template substitution of a metricsQuery."""
+def _adapter(query: str, series: str, matchers: dict[str, str], group_by: str) -> str:
+    """prometheus-adapter's Go-template substitution of a metricsQuery.
+
+    ``matchers``: label to value (pod names joined by |), in the order the adapter writes them:
+    the metric selector's labels, then the namespace, then the resource (pkg/naming/metrics_query.go).
+    """
+    label_matchers = ",".join(f'{k}=~"{v}"' if "|" in v else f'{k}="{v}"' for k, v in matchers.items())
+    query = re.sub(r'<<index \.LabelValuesByName "(\w+)">>', lambda m: matchers.get(m.group(1), ""), query)
     return (
-        query.replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", group_by)
+        query.replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", label_matchers)
+        .replace("<<.GroupBy>>", group_by)
     )
+
+
+def _selected_model(metric: dict) -> str:
+    return metric["selector"]["matchLabels"]["model"]
 
 
 def test_autoscaling_queries_count_the_queue_the_hpas_divide(tmp_path: Path):
@@ -69,28 +82,54 @@ def test_autoscaling_queries_count_the_queue_the_hpas_divide(tmp_path: Path):
     (per_pod,) = values["rules"]["custom"]
     (per_model,) = values["rules"]["external"]
     hpas = {doc["metadata"]["name"]: doc for doc in rendered("base") if doc["kind"] == "HorizontalPodAutoscaler"}
-    assert hpas["gateway"]["spec"]["metrics"][1]["pods"]["metric"]["name"] == per_pod["name"]["as"]
-    assert hpas["clip"]["spec"]["metrics"][1]["external"]["metric"]["name"] == per_model["name"]["as"]
+    gateway = {
+        _selected_model(m["pods"]["metric"]): m["pods"]["metric"]
+        for m in hpas["gateway"]["spec"]["metrics"]
+        if m["type"] == "Pods"
+    }
+    assert sorted(gateway) == ["clip", "llava", "whisper"]
+    assert {metric["name"] for metric in gateway.values()} == {per_pod["name"]["as"]}
+    (clip,) = [m["external"]["metric"] for m in hpas["clip"]["spec"]["metrics"] if m["type"] == "External"]
+    assert (clip["name"], _selected_model(clip)) == (per_model["name"]["as"], "clip")
     keda = {doc["metadata"]["name"]: doc for doc in rendered("overlays/keda") if doc["kind"] == "ScaledObject"}
     keda_query = {
-        name: next(t for t in doc["spec"]["triggers"] if t["type"] == "prometheus")["metadata"]["query"]
+        (name, re.search(r'model="(\w+)"', t["metadata"]["query"]).group(1)): t["metadata"]["query"]
         for name, doc in keda.items()
+        for t in doc["spec"]["triggers"]
+        if t["type"] == "prometheus"
     }
     series = "queue_depth"
+    pods = {"namespace": "multimodal", "pod": "gateway-a|gateway-b|gateway-c"}
     expressions = [
-        # What the HPA of the entry service reads for two of its pods.
+        # What the HPA of the entry service reads for two of its pods, one family at a time: the
+        # HPA's metric selector becomes a label matcher. A pod that never called a family reads 0; one
+        # that Prometheus does not scrape (gateway-c, down) reads nothing, as before.
         (
-            _adapter(per_pod["metricsQuery"], series, 'namespace="multimodal",pod=~"gateway-a|gateway-b"', "pod"),
-            [('{pod="gateway-a"}', 90), ('{pod="gateway-b"}', 70)],
+            _adapter(per_pod["metricsQuery"], series, {"model": "clip"} | pods, "pod"),
+            [('{pod="gateway-a"}', 50), ('{pod="gateway-b"}', 70)],
         ),
-        # What the HPA of the CLIP service reads (before Kubernetes divides it by CLIP's replicas).
         (
-            _adapter(per_model["metricsQuery"], series, 'namespace="multimodal",model="clip"', "namespace"),
+            _adapter(per_pod["metricsQuery"], series, {"model": "llava"} | pods, "pod"),
+            [('{pod="gateway-a"}', 40), ('{pod="gateway-b"}', 0)],
+        ),
+        (
+            _adapter(per_pod["metricsQuery"], series, {"model": "whisper"} | pods, "pod"),
+            [('{pod="gateway-a"}', 0), ('{pod="gateway-b"}', 0)],
+        ),
+        # What the HPA of the CLIP service reads (before Kubernetes divides it by CLIP's replicas);
+        # Whisper, never called, reads 0 rather than nothing.
+        (
+            _adapter(per_model["metricsQuery"], series, {"model": "clip", "namespace": "multimodal"}, "namespace"),
             [('{namespace="multimodal"}', 120)],
         ),
-        (keda_query["clip"], [("{}", 120)]),
-        (keda_query["llava"], [("{}", 40)]),
-        (keda_query["gateway"], [("{}", 160)]),
+        (
+            _adapter(per_model["metricsQuery"], series, {"model": "whisper", "namespace": "multimodal"}, "namespace"),
+            [('{namespace="multimodal"}', 0)],
+        ),
+        (keda_query["clip", "clip"], [("{}", 120)]),
+        (keda_query["llava", "llava"], [("{}", 40)]),
+        (keda_query["gateway", "clip"], [("{}", 120)]),
+        (keda_query["gateway", "llava"], [("{}", 40)]),
         (f"count({per_pod['seriesQuery']})", [("{}", 4)]),
     ]
     labels = 'namespace="{ns}",pod="{pod}",service="gateway",model="{model}"'
@@ -102,6 +141,11 @@ def test_autoscaling_queries_count_the_queue_the_hpas_divide(tmp_path: Path):
     input_series.append(
         {"series": series + "{" + labels.format(ns="staging", pod="gateway-a", model="clip") + "}", "values": "500x10"}
     )
+    # Prometheus's own series for every target it scrapes; gateway-c is not scraped (down).
+    input_series += [
+        {"series": f'up{{namespace="multimodal",pod="{pod}",service="gateway"}}', "values": f"{up}x10"}
+        for pod, up in [("gateway-a", 1), ("gateway-b", 1), ("gateway-c", 0)]
+    ]
     tests = {
         "rule_files": [str(tmp_path / "none.yaml")],
         "tests": [

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from configuration.settings import Settings
-from deploy import generate
+from deploy import autoscaling, generate
 from deploy.spec import PORT, UID
 from tests.deploy.manifests import MANIFESTS, named, of_kind, rendered
 
@@ -164,6 +164,55 @@ def test_original_design_numbers_for_clip():
     queue = named(docs, "HorizontalPodAutoscaler", "clip")["spec"]["metrics"][1]
     assert queue["external"]["metric"] == {"name": "queue_depth", "selector": {"matchLabels": {"model": "clip"}}}
     assert queue["external"]["target"] == {"type": "AverageValue", "averageValue": "50"}
+
+
+def _queue_metrics(hpa: dict) -> list[dict]:
+    return [metric for metric in hpa["spec"]["metrics"] if metric["type"] != "Resource"]
+
+
+def test_entry_hpa_scales_on_each_familys_queue_apart_never_on_their_sum():
+    # queue_depth counts CLIP calls, Whisper windows and LLaVA generations: one Pods metric per family,
+    # selected by `model`, each with its own target. An unselected queue_depth would be their sum.
+    queues = _queue_metrics(named(rendered("base"), "HorizontalPodAutoscaler", "gateway"))
+    assert [metric["type"] for metric in queues] == ["Pods"] * len(MODELS)
+    families = [metric["pods"]["metric"].get("selector", {}).get("matchLabels", {}).get("model") for metric in queues]
+    assert sorted(families) == sorted(MODELS), "each served family once, none unselected"
+    for metric, family in zip(queues, families, strict=True):
+        assert metric["pods"]["metric"] == {"name": "queue_depth", "selector": {"matchLabels": {"model": family}}}
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+    targets = {
+        family: int(metric["pods"]["target"]["averageValue"]) for metric, family in zip(queues, families, strict=True)
+    }
+    settings = Settings()
+    # Each family's own per-pod target (deploy/spec.py, entry_queue_targets) ...
+    assert targets == {"clip": 50, "llava": 2 * settings.llava_max_num_seqs, "whisper": settings.whisper_max_batch_size}
+    # ... and all of them at once leave an entry pod under QueueDepthHigh's threshold, short of its 429s.
+    assert sum(targets.values()) <= 0.8 * settings.max_concurrent_requests
+    # KEDA: one Prometheus trigger per family, each with the family's query and threshold.
+    scaled = named(rendered("overlays/keda"), "ScaledObject", "gateway")["spec"]
+    triggers = [t for t in scaled["triggers"] if t["type"] == "prometheus"]
+    assert {t["metadata"]["query"]: t["metadata"]["threshold"] for t in triggers} == {
+        f'sum(queue_depth{{namespace="multimodal",service="gateway",model="{family}"}})': str(target)
+        for family, target in targets.items()
+    }
+    assert all(t["metricType"] == "AverageValue" for t in triggers)
+
+
+def test_entry_queue_targets_follow_the_families_served_and_stay_under_the_concurrency_limit():
+    def gateway_targets(**settings: object) -> dict[str, str]:
+        spec = generate.deployment_spec(generate.DeclaredSettings(profile="production", **settings))
+        hpa = autoscaling.hpa(spec.entry, spec)
+        return {
+            m["pods"]["metric"]["selector"]["matchLabels"]["model"]: m["pods"]["target"]["averageValue"]
+            for m in _queue_metrics(hpa)
+        }
+
+    assert gateway_targets(families=["clip", "whisper"]) == {"clip": "50", "whisper": "16"}
+    # A larger Whisper batch would let the three families together pass 80 calls per entry pod:
+    # every target shrinks in proportion (50, 8, 64 -> 32, 5, 41 for a budget of 80).
+    scaled = gateway_targets(whisper_max_batch_size=64)
+    assert scaled == {"clip": "32", "llava": "5", "whisper": "41"}
+    assert sum(map(int, scaled.values())) <= 80
 
 
 def test_startup_probes_wait_for_models_and_termination_outlasts_the_longest_request():
