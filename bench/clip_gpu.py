@@ -189,6 +189,28 @@ def raw_model(path: Path, jpegs: list[bytes], batch_sizes: list[int]) -> dict:
     return out
 
 
+def failed_images(path: Path, jpegs: list[bytes]) -> dict:
+    """Every photograph through the service's encoder, in batches of 64: which did not decode, and
+    which decoded but came out of the half-precision model as NaN or infinity (the service tells
+    both apart from a good row only by NaN)."""
+    import torch
+
+    from services.clip.encoder import ClipEncoder, EncoderOptions
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = ClipEncoder(path, device, EncoderOptions(largest_batch=64))
+    undecoded, non_finite = [], []
+    for start in range(0, len(jpegs), 64):
+        chunk = jpegs[start : start + 64]
+        decoded = set(encoder.pixels(chunk).decoded)
+        rows = encoder.encode_images(chunk)
+        undecoded += [start + i for i in range(len(chunk)) if i not in decoded]
+        non_finite += [start + i for i in decoded if not np.isfinite(rows[i]).all()]
+    out = {"images": len(jpegs), "undecoded": undecoded, "non_finite": non_finite}
+    log(f"of {len(jpegs)} photographs: {len(undecoded)} not decoded, {len(non_finite)} non-finite: {out}")
+    return out
+
+
 def sync_points(path: Path, jpegs: list[bytes]) -> list[str]:
     """Where preparing a chunk of images makes the CPU wait for the GPU (torch's sync debug mode)."""
     import traceback
@@ -663,6 +685,7 @@ def main() -> None:
     results["raw"] = raw_model(model_path(home), jpegs, args.raw_batches)  # its model is freed on return
     results["raw"]["device_cpu_count"] = os.cpu_count()
     results["sync_points"] = sync_points(model_path(home), jpegs)
+    results["failed_images"] = failed_images(model_path(home), jpegs)
     if args.encoder_chunks:
         results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.encoder_chunks)
     if args.preparation_threads:
