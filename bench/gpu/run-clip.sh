@@ -11,3 +11,5 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 nproc | tee -a "$out/gpu.txt"
 python3 -m bench.clip_gpu --out "$out" "$@" 2>&1 | tee "$out/clip_gpu.log"
+# What the servers logged about images they could not decode, and any traceback.
+grep -h -i -A3 "decod\|traceback\|error" /tmp/bench-clip-*/serve-*.log 2>/dev/null | tail -80 > "$out/serve-errors.txt" || true

@@ -21,6 +21,7 @@ fails only the request that sent it.
 from __future__ import annotations
 
 import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+log = logging.getLogger(__name__)
 Preprocessing = Literal["fast", "reference"]
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -44,7 +46,8 @@ def _pillow_rgb(data: bytes) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
-    except Exception:  # any decoder failure: the caller reports the image as undecodable
+    except Exception as exc:  # any decoder failure: the caller reports the image as undecodable
+        log.warning("Pillow could not decode an image of %d bytes: %r", len(data), exc)
         return None
 
 
@@ -86,9 +89,10 @@ class PixelPreprocessor:
             raw = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
             try:
                 decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:
+            except RuntimeError as exc:
                 # One bad or unsupported JPEG (CMYK, say) fails the whole batched call: decode one
                 # by one, and let Pillow try what the device decoder refuses.
+                log.warning("batched JPEG decoding failed (%s); decoding %d images one by one", exc, len(raw))
                 decoded = [self._decode_one_jpeg(data) for data in raw]
             for i, tensor in zip(jpegs, decoded, strict=True):
                 tensors[i] = tensor
@@ -101,5 +105,6 @@ class PixelPreprocessor:
     def _decode_one_jpeg(self, raw: torch.Tensor) -> torch.Tensor | None:
         try:
             return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
+        except RuntimeError as exc:
+            log.warning("the device's JPEG decoder refused an image of %d bytes (%s); Pillow tries it", len(raw), exc)
             return None
