@@ -15,6 +15,7 @@ On a CPU the towers run eagerly on each batch as it comes.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from transformers import CLIPModel, CLIPProcessor
 from services.clip.graphs import GraphedImageTower, GraphedTextTower
 from services.clip.pixels import PixelBatch, PixelPreprocessor, Preprocessing
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EncoderOptions:
@@ -35,6 +38,14 @@ class EncoderOptions:
     cuda_graphs: bool = True  # on a GPU only
     # Images per chunk of the prepare/model pipeline; 32 measured best of 16, 32 and 64 (run 5).
     chunk: int = 32
+
+
+def _warn_if_not_finite(embeddings: np.ndarray, decoded: list[int]) -> None:
+    """A decoded image whose embedding is not finite reaches the client as "could not be decoded"
+    (NaN is that sentinel): say so in the log, where it can be told apart."""
+    bad = [i for i in decoded if not np.isfinite(embeddings[i]).all()]
+    if bad:
+        log.warning("%d decoded images of a batch of %d have non-finite embeddings: %s", len(bad), len(embeddings), bad)
 
 
 def normalised(features: torch.Tensor) -> torch.Tensor:
@@ -111,6 +122,7 @@ class ClipEncoder:
                 rows.extend(start + i for i in batch.decoded)
         if rows:
             embeddings[rows] = torch.cat(features).cpu().numpy()  # the one wait for the model
+            _warn_if_not_finite(embeddings, rows)
         return embeddings
 
     def _prepare(self, images: list[bytes]) -> tuple[PixelBatch, torch.cuda.Event]:
