@@ -120,17 +120,18 @@ class GraphedTextTower:
         with torch.inference_mode():
             for size, length in sorted(product(self.sizes, self.lengths), reverse=True):
                 inputs = {
-                    "input_ids": torch.full((size, length), pad_token_id, device=device, dtype=torch.long),
-                    "attention_mask": self._padding_mask(size, length, device),
+                    "input_ids": torch.empty((size, length), device=device, dtype=torch.long),
+                    "attention_mask": torch.empty((size, length), device=device, dtype=torch.long),
                 }
+                self._pad(inputs["input_ids"], inputs["attention_mask"])
                 self._shapes[(size, length)] = _Shape(forward, inputs, capture, pool)
 
-    @staticmethod
-    def _padding_mask(size: int, length: int, device: torch.device) -> torch.Tensor:
-        # Padding rows attend to their first token: a row with no token to attend to is NaN in SDPA.
-        mask = torch.zeros(size, length, device=device, dtype=torch.long)
+    def _pad(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fill static buffers with padding rows. They attend to their first token: a row with no
+        token to attend to is NaN in SDPA."""
+        ids.fill_(self.pad_token_id)
+        mask.zero_()
         mask[:, 0] = 1
-        return mask
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         length = smallest_fitting(self.lengths, input_ids.shape[1])
@@ -140,9 +141,7 @@ class GraphedTextTower:
             shape = self._shapes[(smallest_fitting(self.sizes, rows), length)]
             with self._lock:
                 static_ids, static_mask = shape.inputs["input_ids"], shape.inputs["attention_mask"]
-                static_ids.fill_(self.pad_token_id)
-                static_mask.zero_()
-                static_mask[:, 0] = 1
+                self._pad(static_ids, static_mask)
                 static_ids[:rows, : ids.shape[1]].copy_(ids)
                 static_mask[:rows, : mask.shape[1]].copy_(mask)
                 parts.append(shape.run(rows))
