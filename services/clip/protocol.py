@@ -4,6 +4,7 @@ entry service (its card, its text rows). Pydantic and numpy only: importing this
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -95,7 +96,7 @@ class ClipModelCard(BaseModel):
     embedding_dim: int
     logit_scale: float  # exp of the learned temperature: softmax(scale * cosine) = CLIP's probabilities
 
-    @property
+    @cached_property  # asked for on every CLIP call, on both sides of it
     def fingerprint(self) -> int:
         """What encoded a vector, as a number that a float32 column holds exactly (24 bits): the CLIP
         service appends it to every row it returns, so the entry service can tell when the model
