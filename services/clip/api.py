@@ -120,8 +120,9 @@ class ClipAPI:
         if not inputs:
             raise APIError(400, "input must not be empty", code="invalid_value", param="input")
         self._check_count(len(inputs), "input")
-        image_at = [i for i, value in enumerate(inputs) if is_image_data_url(value)]
-        text_at = [i for i, value in enumerate(inputs) if not is_image_data_url(value)]
+        is_image = [is_image_data_url(value) for value in inputs]
+        image_at = [i for i, image in enumerate(is_image) if image]
+        text_at = [i for i, image in enumerate(is_image) if not image]
         texts = [inputs[i] for i in text_at]
         self._check_texts(texts, "input")
         images = [self._read(inputs[i], f"input[{i}]") for i in image_at]
