@@ -1,6 +1,6 @@
 """Decode throughput of the Whisper service's batched path on a GPU (large-v3 shapes, random weights).
 
-    python bench/whisper_gpu_decode.py [--tokens 100] [--out results.json]
+    python -m bench.whisper_gpu_decode [--tokens 100] [--out results.json]   # from the repository root
 
 Measures windows per second for: openai-whisper as packaged, one window at a time (fp32
 parameters cast to fp16 on every forward); fp16 weights stored once, as ``services.whisper.service``
@@ -9,8 +9,8 @@ service's batcher forms them. Each window decodes exactly ``--tokens`` tokens (e
 suppressed) so that every configuration does the same work. It also checks that batching does
 not change tokens: 16 windows decoded alone and in one mixed-language batch.
 
-It needs only torch and openai-whisper (a lent GPU machine has no bentoml), so the service's
-mixed-language decoding task is restated here rather than imported.
+It needs only torch and openai-whisper: the service's mixed-language decoding task comes from
+``services.whisper.decoding``, which imports no BentoML.
 """
 
 from __future__ import annotations
@@ -23,27 +23,16 @@ from typing import Any
 
 import torch
 import whisper
-from whisper.decoding import DecodingOptions, DecodingTask
+from whisper.decoding import DecodingOptions
 from whisper.model import ModelDimensions, Whisper
+
+from services.whisper.decoding import MixedLanguageTask
 
 LARGE_V3 = ModelDimensions(
     n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
     n_vocab=51866, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32,
 )  # fmt: skip
 LANGUAGES = ["en", "de", "fr", "es", "it", "ja", "zh", "ru"]
-
-
-class MixedLanguageTask(DecodingTask):
-    """One batch, each row with its own language token (as ``services.whisper.service`` decodes)."""
-
-    def __init__(self, model: Whisper, options: DecodingOptions, languages: list[str]) -> None:
-        super().__init__(model, options)
-        self.languages = languages
-        self.language_tokens = torch.tensor([self.tokenizer.to_language_token(code) for code in languages])
-
-    def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor) -> tuple[list[str], None]:
-        tokens[:, self.sot_index + 1] = self.language_tokens
-        return self.languages, None
 
 
 def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:

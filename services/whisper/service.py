@@ -8,7 +8,7 @@ batcher merges the windows of every request in flight, from different requests a
 chunks of one long recording alike, into one ``decode_windows`` call; that call groups them
 by ``DecodingOptions`` (one decoding task takes one set) and runs a single batched encoder
 and decoder pass per group. The language is not part of the grouping: windows in different
-languages share a pass, each row starting with its own language token (``_MixedLanguageTask``).
+languages share a pass, each row starting with its own language token (``services.whisper.decoding``).
 Greedy decoding of a batch gives each window the tokens it gets alone: rows never interact.
 
 On a GPU, the Linear, Conv1d and Embedding weights are stored in fp16 once: openai-whisper
@@ -31,7 +31,7 @@ import bentoml
 import numpy as np
 import torch
 import whisper
-from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
+from whisper.decoding import DecodingOptions, DecodingResult, detect_language
 from whisper.timing import find_alignment
 from whisper.tokenizer import get_tokenizer
 
@@ -40,6 +40,7 @@ from configuration.settings import get_settings
 from services.common import metrics
 from services.common.device import torch_device
 from services.common.model_service import batched_api, model_service
+from services.whisper.decoding import MixedLanguageTask
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
 
 log = logging.getLogger(__name__)
@@ -48,25 +49,6 @@ settings = get_settings()
 window_api = batched_api(settings.whisper_max_batch_size, settings.whisper_max_latency_ms)
 
 CHECKPOINT = "model.pt"  # bentos.tiny.whisper writes it; bentos.import_models renames downloads to it
-
-
-class _MixedLanguageTask(DecodingTask):
-    """openai-whisper's decoding task with a language per row of the batch.
-
-    ``DecodingTask.run`` already writes one language token per row (at ``sot_index + 1``)
-    when it detects languages itself; this writes the given ones instead. Nothing else in the
-    task depends on the language: suppressed tokens, timestamp rules and text decoding are
-    the same for every language of a multilingual tokenizer.
-    """
-
-    def __init__(self, model: Any, options: DecodingOptions, languages: list[str]) -> None:
-        super().__init__(model, options)
-        self.languages = languages
-        self.language_tokens = torch.tensor([self.tokenizer.to_language_token(language) for language in languages])
-
-    def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor) -> tuple[list[str], None]:
-        tokens[:, self.sot_index + 1] = self.language_tokens
-        return self.languages, None
 
 
 @model_service("Whisper")
@@ -118,7 +100,7 @@ class Whisper:
 
     def _decode(self, mel: torch.Tensor, options: DecodingOptions, languages: list[str | None]) -> list[DecodingResult]:
         if self.model.is_multilingual and None not in languages:
-            return _MixedLanguageTask(self.model, options, languages).run(mel)  # type: ignore[arg-type]
+            return MixedLanguageTask(self.model, options, languages).run(mel)  # type: ignore[arg-type]
         return whisper.decode(self.model, mel, options)
 
     @window_api
