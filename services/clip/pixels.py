@@ -87,6 +87,7 @@ class PixelPreprocessor:
         jpegs = [i for i, data in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
         if jpegs:
             raw = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
+            self._drain_stream()
             try:
                 decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError as exc:
@@ -102,7 +103,21 @@ class PixelPreprocessor:
                 tensors[i] = _chw(image).to(self.device, non_blocking=True)
         return tensors
 
+    def _drain_stream(self) -> None:
+        """Wait for the work queued on this thread's stream before nvJPEG decodes on a GPU.
+
+        nvJPEG's hardware decoder writes its output before the work already queued on the stream
+        it is given has run, and its output comes from torch's caching allocator, which hands out a
+        block freed on this stream as soon as it is freed: the decoder can overwrite memory that
+        queued kernels (the last batch's resizing) have yet to read. That gave NaN embeddings, and
+        400 "could not be decoded" for valid photographs, under load on an H200 (bench/RESULTS.md,
+        runs 6 and 8; pytorch/vision#9606, meta-pytorch/torchcodec#1634). The wait is for the last
+        batch's preparation kernels (a few milliseconds), on the preparation thread, not the model's."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _decode_one_jpeg(self, raw: torch.Tensor) -> torch.Tensor | None:
+        self._drain_stream()
         try:
             return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError as exc:
