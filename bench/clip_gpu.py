@@ -8,8 +8,8 @@ Steps, all in this one process and the servers it starts:
    the production tag (no hub is reachable; speed does not depend on the weights' values).
 2. The raw model, batched, on pixels already on the device (the ceiling); the fast path's
    embeddings against the reference path's on the same photographs (cosine). Then the
-   service's own encoder (``ClipEncoder``) in-process: eager, and with CUDA graphs at several
-   pipeline chunk sizes.
+   service's own encoder (``ClipEncoder``) in-process: eager, with CUDA graphs, and with CUDA
+   graphs behind the service's continuous batcher (preparation overlapping the model).
 3. ``bentoml serve`` with only CLIP, then closed-loop load on ``/v1/embeddings``: one JPEG
    photograph (about 50-150 KB) per request at rising concurrency; single texts; requests of
    64 texts. Then again with adaptive batching off (max batch size 1).
@@ -245,8 +245,12 @@ def sync_points(path: Path, jpegs: list[bytes]) -> list[str]:
     return sorted(found)
 
 
-def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chunks: list[int]) -> dict:
-    """The CLIP service's own encoding code (``ClipEncoder``), in-process: what it can do with no HTTP around it."""
+def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], callers: int) -> dict:
+    """The CLIP service's own encoding code (``ClipEncoder``), in-process: what it can do with no HTTP around it.
+
+    Each batch size is timed with its two stages in sequence (``encode_images``), eager and with
+    CUDA graphs; then with CUDA graphs behind the service's continuous batcher, ``callers`` callers
+    sending 8 photographs a call, so that preparing one batch overlaps the model on the last."""
     import torch
 
     from services.clip.encoder import ClipEncoder, EncoderOptions
@@ -254,9 +258,9 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict = {}
     embeddings = {}
-    variants = [("eager", EncoderOptions(cuda_graphs=False, largest_batch=max(batch_sizes), chunk=max(batch_sizes)))]
+    variants = [("eager", EncoderOptions(cuda_graphs=False, largest_batch=64))]
     if device.type == "cuda":
-        variants += [(f"graphs, chunk {c}", EncoderOptions(largest_batch=max(batch_sizes), chunk=c)) for c in chunks]
+        variants.append(("graphs", EncoderOptions(largest_batch=64)))
     for name, options in variants:
         started = time.perf_counter()
         encoder = ClipEncoder(path, device, options)
@@ -269,9 +273,12 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
         for batch in (1, 64):
             seconds = timed(lambda encoder=encoder, batch=batch: encoder.encode_texts(texts(batch)), repeats=10)
             row[f"texts_b{batch}_per_s"], row[f"texts_b{batch}_ms"] = batch / seconds, 1000 * seconds
+        if name == "graphs" or device.type != "cuda":
+            row.update(continuously_batched(encoder, jpegs, callers))
         embeddings[name] = encoder.encode_images(jpegs[:64])
         out[name] = row
         log(f"service encoder in-process, {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in row.items()))
+        del encoder
         torch.cuda.empty_cache() if device.type == "cuda" else None
     reference = embeddings["eager"]
     out["cosine_min_to_eager"] = {name: float((e * reference).sum(-1).min()) for name, e in embeddings.items()}
@@ -279,8 +286,43 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], chun
     return out
 
 
+def continuously_batched(encoder, jpegs: list[bytes], callers: int, per_call: int = 8, seconds: float = 4.0) -> dict:
+    """Images/s of ``encoder`` behind the service's own continuous batcher, ``callers`` callers in a loop."""
+    import asyncio
+
+    from services.common.continuous_batching import ContinuousBatcher
+
+    sizes: list[int] = []
+
+    def embed(prepared):
+        sizes.append(prepared.count)
+        return encoder.embed_images(prepared)
+
+    batches = ContinuousBatcher(encoder.prepare_images, embed, max_batch=64, max_wait_seconds=60, name="bench")
+
+    async def caller(index: int, until: float) -> int:
+        done, start = 0, index * per_call
+        while time.perf_counter() < until:
+            calls = [jpegs[(start + i) % len(jpegs)] for i in range(per_call)]
+            rows = await batches(calls)
+            assert np.isfinite(rows).all(), "a photograph came back without a finite embedding"
+            done, start = done + per_call, start + callers * per_call
+        return done
+
+    async def measure(duration: float) -> float:
+        until = time.perf_counter() + duration
+        return sum(await asyncio.gather(*(caller(i, until) for i in range(callers)))) / duration
+
+    asyncio.run(measure(1.0))  # warm-up
+    sizes.clear()
+    per_s = asyncio.run(measure(seconds))
+    out = {"continuous_images_per_s": per_s, "continuous_mean_batch": float(np.mean(sizes))}
+    log(f"continuous batching in-process, {callers} callers x {per_call} photographs: {per_s:,.0f}/s, {out}")
+    return out
+
+
 def preparation_variants(path: Path, jpegs: list[bytes], threads: int) -> dict:
-    """Cheaper ways to prepare photographs, tried on the service's encoder (graphs, chunk 32).
+    """Cheaper ways to prepare photographs, tried on the service's encoder (graphs).
 
     Run 5 showed preparation costs GPU time that the model then lacks. Two candidates, here only
     (the service keeps ``fast`` until one of them is measured to pay):
@@ -314,7 +356,7 @@ def preparation_variants(path: Path, jpegs: list[bytes], threads: int) -> dict:
             return [None if t is None else t.to(self.device) for t in self._pool.map(decode, encoded)]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = ClipEncoder(path, device, EncoderOptions(largest_batch=64, chunk=32, decode_threads=threads))
+    encoder = ClipEncoder(path, device, EncoderOptions(largest_batch=64, decode_threads=threads))
     fast = encoder.pixels
     reference = PixelPreprocessor(fast.image_processor, device, fast.dtype, "reference", threads)
     variants = {
@@ -648,7 +690,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048, help="distinct JPEGs to send")
     parser.add_argument("--raw-batches", type=int, nargs="+", default=[1, 64, 256], help="batch sizes of the raw model")
     parser.add_argument(
-        "--encoder-chunks", type=int, nargs="*", default=[16, 32, 64], help="pipeline chunks to try in-process"
+        "--in-process-callers",
+        type=int,
+        default=32,
+        help="measure the service's encoder in-process, continuously batched for these callers (0: skip)",
     )
     parser.add_argument("--profile-at", type=int, default=0, help="py-spy the workers at this concurrency (0: never)")
     parser.add_argument("--profile-scenarios", nargs="+", default=["images", "single texts"], help="which to py-spy")
@@ -686,8 +731,8 @@ def main() -> None:
     results["raw"]["device_cpu_count"] = os.cpu_count()
     results["sync_points"] = sync_points(model_path(home), jpegs)
     results["failed_images"] = failed_images(model_path(home), jpegs)
-    if args.encoder_chunks:
-        results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.encoder_chunks)
+    if args.in_process_callers:
+        results["encoder"] = service_encoder(model_path(home), jpegs, args.raw_batches, args.in_process_callers)
     if args.preparation_threads:
         results["preparation"] = preparation_variants(model_path(home), jpegs, args.preparation_threads)
     results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         "auto", description="Where models run; `auto` picks CUDA when present."
     )
 
-    # Batching (BentoML adaptive batching on the model services)
+    # Batching (CLIP: continuous batching in its service; Whisper: BentoML's adaptive batching)
     clip_max_batch_size: int = Field(
         64,
         ge=1,
@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         description="Largest CLIP encoder batch (items); 1 turns batching off.",
     )
     clip_max_latency_ms: int = Field(
-        10_000, ge=10, description="Latency budget of a CLIP batch; past it BentoML sheds load with 503."
+        10_000,
+        ge=10,
+        description="Longest a CLIP input may wait for its batch; past it the CLIP service sheds load with 503.",
     )
     clip_preprocessing: Literal["fast", "reference"] = Field(
         "fast",

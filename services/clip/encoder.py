@@ -3,20 +3,19 @@
 Kept apart from the BentoML service so that the benchmark measures the service's own encoding
 code in-process (bench/clip_gpu.py), and so that the service module stays about serving.
 
-On a GPU:
-- the towers run as CUDA graphs (``services.clip.graphs``), so a batch costs one launch;
-- images go through in chunks, prepared (decoded, resized, normalised) by a thread of their own
-  on a CUDA stream of their own, so that chunk k+1 can be prepared while the model runs on
-  chunk k. Measured in-process on an H200 (bench/RESULTS.md, runs 4 and 5), this gained nothing
-  over one thread and stream: preparation finds no host sync to hide, its cost is GPU time
-  (nvJPEG, resizing photographs) that competes with the model's.
-On a CPU the towers run eagerly on each batch as it comes.
+Each kind of input has two stages, which the service runs on two threads so that they overlap
+on consecutive batches (``services.common.continuous_batching``):
+- ``prepare_images`` / ``prepare_texts``: from the client's bytes or strings to the model's inputs
+  (decoding, resizing, normalising; tokenising). On a GPU images are prepared on a CUDA stream of
+  their own, and an event marks when their pixels are ready;
+- ``embed_images`` / ``embed_texts``: the model, on the GPU's main stream once the pixels are ready.
+On a GPU the towers run as CUDA graphs (``services.clip.graphs``), so a batch costs one launch; on
+a CPU they run eagerly. ``encode_images`` / ``encode_texts`` run both stages in sequence.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PreparedImages:
+    count: int  # images asked for, decoded or not
+    pixels: PixelBatch
+    ready: torch.cuda.Event | None  # recorded on the preparation stream after the pixels; None on a CPU
+
+
+@dataclass(frozen=True)
+class PreparedTexts:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
 class EncoderOptions:
     preprocessing: Preprocessing = "fast"
     decode_threads: int = 4
     largest_batch: int = 64  # the largest batch the towers are captured for; larger ones run in parts
     cuda_graphs: bool = True  # on a GPU only
-    # Images per chunk of the prepare/model pipeline; 32 measured best of 16, 32 and 64 (run 5).
-    chunk: int = 32
 
 
 def _warn_if_not_finite(embeddings: np.ndarray, decoded: list[int]) -> None:
@@ -65,9 +75,8 @@ class ClipEncoder:
         self.embedding_dim: int = self.model.config.projection_dim
         self.logit_scale: float = self.model.logit_scale.detach().exp().item()
         self.graphs = options.cuda_graphs and device.type == "cuda"
-        if device.type == "cuda":
-            self._prepare_stream = torch.cuda.Stream(device)
-            self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="clip-prepare")
+        # Images are prepared on a stream of their own, so their kernels can overlap the model's.
+        self._prepare_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.image_tower, self.text_tower = self._image_features, self._text_features
         if self.graphs:
             self.image_tower = GraphedImageTower(
@@ -96,48 +105,47 @@ class ClipEncoder:
     def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
-    @torch.inference_mode()
-    def encode_images(self, images: list[bytes]) -> np.ndarray:
-        """L2-normalised float32 embeddings of encoded images; a row of NaN where one does not decode."""
-        embeddings = np.full((len(images), self.embedding_dim), np.nan, dtype=np.float32)
-        if self.device.type != "cuda":  # a CPU gains nothing from chunks: one call per batch, as it came
-            batch = self.pixels(images)
-            if batch.decoded:
-                embeddings[batch.decoded] = normalised(self.image_tower(batch.pixel_values)).numpy()
-            return embeddings
-        starts = range(0, len(images), self.options.chunk)
-        rows: list[int] = []
-        features: list[torch.Tensor] = []
-        model_stream = torch.cuda.current_stream()
-        next_chunk = self._prepare_thread.submit(self._prepare, images[: self.options.chunk])
-        for start in starts:
-            batch, prepared = next_chunk.result()
-            if start + self.options.chunk < len(images):  # prepared while the model runs on this chunk
-                following = images[start + self.options.chunk : start + 2 * self.options.chunk]
-                next_chunk = self._prepare_thread.submit(self._prepare, following)
-            if batch.decoded:
-                model_stream.wait_event(prepared)
-                batch.pixel_values.record_stream(model_stream)  # made on the other stream, used on this one
-                features.append(normalised(self.image_tower(batch.pixel_values)))
-                rows.extend(start + i for i in batch.decoded)
-        if rows:
-            embeddings[rows] = torch.cat(features).cpu().numpy()  # the one wait for the model
-            _warn_if_not_finite(embeddings, rows)
-        return embeddings
-
-    def _prepare(self, images: list[bytes]) -> tuple[PixelBatch, torch.cuda.Event]:
-        """Pixels of a chunk, made on the preparation stream, and the event that marks them ready."""
+    def prepare_images(self, images: list[bytes]) -> PreparedImages:
+        """Pixels of encoded images; on a GPU made on the preparation stream, with the event that marks them ready."""
+        if self._prepare_stream is None:
+            with torch.inference_mode():
+                return PreparedImages(len(images), self.pixels(images), None)
         with torch.inference_mode(), torch.cuda.stream(self._prepare_stream):
             batch = self.pixels(images)
-            prepared = torch.cuda.Event()
-            prepared.record(self._prepare_stream)
-        return batch, prepared
+            ready = torch.cuda.Event()
+            ready.record(self._prepare_stream)
+        return PreparedImages(len(images), batch, ready)
 
     @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """One row per text: its L2-normalised embedding, then its token count (OpenAI's ``usage``)."""
+    def embed_images(self, prepared: PreparedImages) -> np.ndarray:
+        """L2-normalised float32 embeddings; a row of NaN where an image did not decode."""
+        embeddings = np.full((prepared.count, self.embedding_dim), np.nan, dtype=np.float32)
+        batch = prepared.pixels
+        if not batch.decoded:
+            return embeddings
+        if prepared.ready is not None:
+            model_stream = torch.cuda.current_stream(self.device)
+            model_stream.wait_event(prepared.ready)
+            batch.pixel_values.record_stream(model_stream)  # made on the other stream, used on this one
+        embeddings[batch.decoded] = normalised(self.image_tower(batch.pixel_values)).cpu().numpy()
+        _warn_if_not_finite(embeddings, batch.decoded)
+        return embeddings
+
+    def encode_images(self, images: list[bytes]) -> np.ndarray:
+        return self.embed_images(self.prepare_images(images))
+
+    def prepare_texts(self, texts: list[str]) -> PreparedTexts:
+        """Token ids and attention masks, on the CPU: the tokenizer's work is the preparation."""
         tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
-        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        return PreparedTexts(tokens["input_ids"], tokens["attention_mask"])
+
+    @torch.inference_mode()
+    def embed_texts(self, prepared: PreparedTexts) -> np.ndarray:
+        """One row per text: its L2-normalised embedding, then its token count (OpenAI's ``usage``)."""
+        ids, mask = prepared.input_ids.to(self.device), prepared.attention_mask.to(self.device)
         features = normalised(self.text_tower(ids, mask))
-        counts = mask.sum(dim=1, keepdim=True).float()
-        return torch.cat([features, counts], dim=1).cpu().numpy()
+        counts = prepared.attention_mask.sum(dim=1, keepdim=True).float()
+        return torch.cat([features.cpu(), counts], dim=1).numpy()
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self.embed_texts(self.prepare_texts(texts))

@@ -1,11 +1,13 @@
-"""CLIP model service: batchable image and text encoders.
+"""CLIP model service: the image and text encoders, batched continuously across callers.
 
-Requests from every caller meet in BentoML's adaptive batcher, which sends one batch at a
-time to ``encode_images`` / ``encode_texts`` (sizes from configuration). Images arrive as the
-client's encoded bytes; ``services.clip.encoder`` decodes, preprocesses and encodes them, on the
-GPU where there is one (in half precision, with SDPA attention and CUDA graphs). Embeddings come
-back L2-normalised as float32, so a dot product is the cosine similarity. The entry service
-(``services.gateway``) composes this one.
+Calls from every entry-service worker meet in one continuous batcher per kind
+(``services.common.continuous_batching``): while the model runs one batch on the GPU, the next
+is prepared on another thread (images decoded and resized, texts tokenised) from everything that
+arrived meanwhile, up to the max batch size. Images arrive as the client's encoded bytes;
+``services.clip.encoder`` decodes, preprocesses and encodes them, on the GPU where there is one (in
+half precision, with SDPA attention and CUDA graphs). Embeddings come back L2-normalised as
+float32, so a dot product is the cosine similarity. The entry service (``services.gateway``)
+composes this one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -22,8 +26,9 @@ from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.clip.protocol import ClipModelCard, with_fingerprint
 from services.common import metrics
+from services.common.continuous_batching import ContinuousBatcher
 from services.common.device import torch_device
-from services.common.model_service import batched_api, model_service
+from services.common.model_service import model_service
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -31,11 +36,6 @@ settings = get_settings()
 # Bump when our preprocessing or the cached rows' layout changes in a way the processor config
 # does not show: it is part of every cache key, so stale embeddings are never served.
 PREPROCESSING_CODE_VERSION = "2"
-
-
-# Adaptive batching of the encoders (a plain API at a max batch size of 1, where the entry
-# service sends one item per call).
-encoder_api = batched_api(settings.clip_max_batch_size, settings.clip_max_latency_ms)
 
 
 @model_service("CLIP", workers=settings.clip_workers)
@@ -63,6 +63,8 @@ class CLIP:
             embedding_dim=self.encoder.embedding_dim,
             logit_scale=self.encoder.logit_scale,
         )
+        self.image_batches = self._batcher("image", self.encoder.prepare_images, self.encoder.embed_images)
+        self.text_batches = self._batcher("text", self.encoder.prepare_texts, self.encoder.embed_texts)
         log.info(
             "CLIP %s on %s (%s, %s preprocessing, CUDA graphs %s)",
             self.model_ref.tag,
@@ -78,23 +80,32 @@ class CLIP:
         dtype = str(self.encoder.dtype).removeprefix("torch.")
         return f"{digest}-{mode}-{self.encoder.device.type}-{dtype}"
 
-    @encoder_api
-    def encode_images(self, images: list[bytes]) -> np.ndarray:
+    @bentoml.api
+    async def encode_images(self, images: list[bytes]) -> np.ndarray:
         """Embeddings of encoded images (as the client sent them); a row of NaN where one does not decode.
         Each row ends with the model's fingerprint (``ClipModelCard.fingerprint``)."""
-        started = time.perf_counter()
-        embeddings = self.encoder.encode_images(images)
-        self._observe("image", len(images), started)
-        return with_fingerprint(embeddings, self.card.fingerprint)
+        return with_fingerprint(await self.image_batches(images), self.card.fingerprint)
 
-    @encoder_api
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
+    @bentoml.api
+    async def encode_texts(self, texts: list[str]) -> np.ndarray:
         """One row per text: its embedding, its token count as the encoder saw it (OpenAI's ``usage``),
         then the model's fingerprint."""
-        started = time.perf_counter()
-        rows = self.encoder.encode_texts(texts)
-        self._observe("text", len(texts), started)
-        return with_fingerprint(rows, self.card.fingerprint)
+        return with_fingerprint(await self.text_batches(texts), self.card.fingerprint)
+
+    def _batcher(self, kind: str, prepare: Callable[[list[Any]], Any], embed: Callable[[Any], np.ndarray]):
+        def run(prepared: Any) -> np.ndarray:
+            started = time.perf_counter()
+            rows = embed(prepared)
+            self._observe(kind, len(rows), started)
+            return rows
+
+        return ContinuousBatcher(
+            prepare,
+            run,
+            max_batch=settings.clip_max_batch_size,
+            max_wait_seconds=settings.clip_max_latency_ms / 1000,
+            name=f"clip-{kind}",
+        )
 
     @staticmethod
     def _observe(kind: str, size: int, started: float) -> None:

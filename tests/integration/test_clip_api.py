@@ -244,13 +244,13 @@ def test_concurrent_requests_are_batched_without_changing_results(uncached_serve
         )
         assert batches - singles > 0, f"no {kind} batch larger than 1 among {batches} batches"
 
-    # Fewer calls reached BentoML's batcher than requests brought texts (each /search brings its
+    # Fewer calls reached the CLIP service than requests brought texts (each /search brings its
     # "x" too): the entry service merges concurrent requests' items into one call while calls are
-    # out, and BentoML's histogram counts the calls it batched. (Whether BentoML then merges two
-    # calls depends on their timing with one entry-service worker, so that is not asserted.)
+    # out. (The CLIP service's batcher then merges calls; with one entry-service worker whether two
+    # calls meet depends on timing, so that is not asserted.)
     def text_calls(metrics_text: str) -> float:
         return sum(
-            metric_samples(metrics_text, "bentoml_service_adaptive_batch_size_count", method_name="encode_texts")
+            metric_samples(metrics_text, "bentoml_service_request_total", endpoint="/encode_texts", service_name="CLIP")
         )
 
     assert 0 < text_calls(after) - text_calls(before) < len(texts) + len(images)

@@ -1,0 +1,169 @@
+"""Continuous batching in two overlapped stages, inside a model service's process.
+
+Why not BentoML's adaptive batcher: it runs one batch at a time per worker (a semaphore of one in
+``bentoml/_internal/marshal/dispatcher.py``), and a batch's whole life happens inside it: preparing
+its inputs (decoding and resizing images, tokenising texts), then the model. So the GPU waits while
+the next batch is prepared, and on an H200 that preparation (nvJPEG decoding, which holds its
+thread until the decoder is done) cost about a third of each batch (bench/RESULTS.md, runs 5-8).
+
+Here a batch goes through two stages, each on a thread of its own:
+
+    prepare batch k+1  |  prepare batch k+2  | ...
+    model on batch k   |  model on batch k+1 | ...
+
+At most one prepared batch waits for the model, and a batch is taken from the queue only when the
+model has taken the one before it, so under load each batch holds every item that arrived while the
+model ran the last one (up to ``max_batch``): the batch size follows the load, as vLLM's scheduler
+does. A lone item waits for nothing. Items that waited in the queue longer than ``max_wait_seconds``
+are refused with 503 (BentoML's batcher sheds load the same way), so an overloaded service answers
+quickly instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from bentoml.exceptions import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+Prepared = TypeVar("Prepared")
+
+
+@dataclass
+class _Waiting(Generic[Item]):
+    item: Item
+    future: asyncio.Future[np.ndarray]
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _LoopState(Generic[Item, Prepared]):
+    """What belongs to one event loop: asyncio's primitives cannot be shared across loops, and an
+    in-process test client may run the service on more than one."""
+
+    loop: asyncio.AbstractEventLoop
+    waiting: deque[_Waiting[Item]] = field(default_factory=deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # The prepare stage may run one batch ahead of the model, no more.
+    ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    prepared: asyncio.Queue[tuple[list[_Waiting[Item]], Prepared]] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=1)
+    )
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _fail(batch: Sequence[_Waiting[Any]], exc: BaseException) -> None:
+    for waiting in batch:
+        if not waiting.future.done():
+            waiting.future.set_exception(exc)
+
+
+class ContinuousBatcher(Generic[Item, Prepared]):
+    """``await batcher(items)``: one result row per item, from batches shared with concurrent callers.
+
+    ``prepare(items)`` runs on the prepare thread, ``run(prepared)`` (one row per item) on the model
+    thread; the two may overlap on different batches, never on the same one.
+    """
+
+    def __init__(
+        self,
+        prepare: Callable[[list[Item]], Prepared],
+        run: Callable[[Prepared], np.ndarray],
+        *,
+        max_batch: int,
+        max_wait_seconds: float,
+        name: str,
+    ) -> None:
+        self._prepare, self._run = prepare, run
+        self.max_batch, self.max_wait_seconds, self.name = max_batch, max_wait_seconds, name
+        self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-prepare")
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
+        self._state: _LoopState[Item, Prepared] | None = None
+
+    async def __call__(self, items: list[Item]) -> np.ndarray:
+        if not items:
+            return np.empty((0, 0), dtype=np.float32)
+        state = self._started()
+        waiting = [_Waiting(item, state.loop.create_future()) for item in items]
+        state.waiting.extend(waiting)
+        state.arrived.set()
+        # A cancelled caller (client gone, timeout) cancels its futures; the stages skip those items.
+        rows = await asyncio.gather(*(w.future for w in waiting))
+        return np.stack(rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self._state.waiting) if self._state else 0
+
+    def _started(self) -> _LoopState[Item, Prepared]:
+        loop = asyncio.get_running_loop()
+        # A new loop, or a stage that ended on a bug (logged by asyncio): start the stages afresh
+        # rather than leave callers waiting on a stage that is gone.
+        if self._state is None or self._state.loop is not loop or any(t.done() for t in self._state.tasks):
+            if self._state is not None:
+                for task in self._state.tasks:
+                    task.cancel()
+            state: _LoopState[Item, Prepared] = _LoopState(loop)
+            if self._state is not None and self._state.loop is loop:
+                state.waiting = self._state.waiting  # its callers are still waiting on this loop
+            state.tasks = [loop.create_task(self._prepare_stage(state)), loop.create_task(self._model_stage(state))]
+            self._state = state
+        return self._state
+
+    async def _take(self, state: _LoopState[Item, Prepared]) -> list[_Waiting[Item]]:
+        """The next batch: every live item waiting, up to ``max_batch``; waits for one if none is."""
+        while True:
+            overdue = time.monotonic() - self.max_wait_seconds
+            batch: list[_Waiting[Item]] = []
+            while state.waiting and len(batch) < self.max_batch:
+                waiting = state.waiting.popleft()
+                if waiting.future.done():
+                    continue
+                if waiting.since < overdue:
+                    waiting.future.set_exception(ServiceUnavailable(f"{self.name} is overloaded"))
+                    continue
+                batch.append(waiting)
+            if batch:
+                return batch
+            state.arrived.clear()
+            await state.arrived.wait()
+
+    async def _prepare_stage(self, state: _LoopState[Item, Prepared]) -> None:
+        while True:
+            await state.ahead.acquire()  # released when the model takes the batch prepared before
+            batch = await self._take(state)
+            try:
+                prepared = await state.loop.run_in_executor(
+                    self._prepare_thread, self._prepare, [w.item for w in batch]
+                )
+            except Exception as exc:  # this batch's callers get the error; the stage goes on
+                log.exception("%s: preparing a batch of %d failed", self.name, len(batch))
+                _fail(batch, exc)
+                state.ahead.release()
+                continue
+            await state.prepared.put((batch, prepared))
+
+    async def _model_stage(self, state: _LoopState[Item, Prepared]) -> None:
+        while True:
+            batch, prepared = await state.prepared.get()
+            state.ahead.release()  # the prepare stage may take the next batch while this one runs
+            try:
+                rows = await state.loop.run_in_executor(self._model_thread, self._run, prepared)
+                if len(rows) != len(batch):
+                    raise RuntimeError(f"{self.name}: {len(rows)} rows for a batch of {len(batch)}")
+            except Exception as exc:
+                log.exception("%s: the model failed on a batch of %d", self.name, len(batch))
+                _fail(batch, exc)
+                continue
+            for waiting, row in zip(batch, rows, strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(row)
