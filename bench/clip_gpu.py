@@ -261,6 +261,7 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], call
     variants = [("eager", EncoderOptions(cuda_graphs=False, largest_batch=64))]
     if device.type == "cuda":
         variants.append(("graphs", EncoderOptions(largest_batch=64)))
+        variants.append(("graphs, default stream", EncoderOptions(largest_batch=64, model_stream=False)))
     for name, options in variants:
         started = time.perf_counter()
         encoder = ClipEncoder(path, device, options)
@@ -273,7 +274,7 @@ def service_encoder(path: Path, jpegs: list[bytes], batch_sizes: list[int], call
         for batch in (1, 64):
             seconds = timed(lambda encoder=encoder, batch=batch: encoder.encode_texts(texts(batch)), repeats=10)
             row[f"texts_b{batch}_per_s"], row[f"texts_b{batch}_ms"] = batch / seconds, 1000 * seconds
-        if name == "graphs" or device.type != "cuda":
+        if name != "eager" or device.type != "cuda":
             row.update(continuously_batched(encoder, jpegs, callers))
         embeddings[name] = encoder.encode_images(jpegs[:64])
         out[name] = row
@@ -293,12 +294,31 @@ def continuously_batched(encoder, jpegs: list[bytes], callers: int, per_call: in
     from services.common.continuous_batching import ContinuousBatcher
 
     sizes: list[int] = []
+    stages: dict[str, list[float]] = {"prepare": [], "decode": [], "model": []}
+
+    def timed_stage(name: str, fn):
+        def run(*args):
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                stages[name].append(time.perf_counter() - started)
+
+        return run
 
     def embed(prepared):
         sizes.append(prepared.count)
         return encoder.embed_images(prepared)
 
-    batches = ContinuousBatcher(encoder.prepare_images, embed, max_batch=64, max_wait_seconds=60, name="bench")
+    decode = encoder.pixels._decode_on_device
+    encoder.pixels._decode_on_device = timed_stage("decode", decode)  # JPEG decoding, part of preparing
+    batches = ContinuousBatcher(
+        timed_stage("prepare", encoder.prepare_images),
+        timed_stage("model", embed),
+        max_batch=64,
+        max_wait_seconds=60,
+        name="bench",
+    )
 
     async def caller(index: int, until: float) -> int:
         done, start = 0, index * per_call
@@ -315,8 +335,13 @@ def continuously_batched(encoder, jpegs: list[bytes], callers: int, per_call: in
 
     asyncio.run(measure(1.0))  # warm-up
     sizes.clear()
+    for times in stages.values():
+        times.clear()
     per_s = asyncio.run(measure(seconds))
+    encoder.pixels._decode_on_device = decode
+    # Wall ms per batch of each stage (they run on two threads): the longer one sets the pace.
     out = {"continuous_images_per_s": per_s, "continuous_mean_batch": float(np.mean(sizes))}
+    out.update({f"continuous_{name}_ms": 1000 * float(np.mean(times)) for name, times in stages.items()})
     log(f"continuous batching in-process, {callers} callers x {per_call} photographs: {per_s:,.0f}/s, {out}")
     return out
 
@@ -568,6 +593,9 @@ def profile(server: Server, args: argparse.Namespace, label: str) -> None:
         command = [py_spy, "record", "--pid", str(processes[0].pid), "--duration", "5", "--rate", "200",
                    "--nonblocking", "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
         subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The same, sampling only the thread that holds the GIL: where a worker's Python time goes.
+        gil = [*command[:-1], str(out.with_name(f"pyspy-gil-{label}-{role}.txt")), "--gil"]
+        subprocess.Popen(gil, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def measure(

@@ -15,6 +15,7 @@ a CPU they run eagerly. ``encode_images`` / ``encode_texts`` run both stages in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class EncoderOptions:
     decode_threads: int = 4
     largest_batch: int = 64  # the largest batch the towers are captured for; larger ones run in parts
     cuda_graphs: bool = True  # on a GPU only
+    # On a GPU, run the towers on a stream of their own rather than the legacy default stream,
+    # which would wait for (and hold up) any work that nvJPEG or a copy puts on it.
+    model_stream: bool = True
 
 
 def _warn_if_not_finite(embeddings: np.ndarray, decoded: list[int]) -> None:
@@ -77,6 +81,7 @@ class ClipEncoder:
         self.graphs = options.cuda_graphs and device.type == "cuda"
         # Images are prepared on a stream of their own, so their kernels can overlap the model's.
         self._prepare_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._model_stream = torch.cuda.Stream(device) if device.type == "cuda" and options.model_stream else None
         self.image_tower, self.text_tower = self._image_features, self._text_features
         if self.graphs:
             self.image_tower = GraphedImageTower(
@@ -116,9 +121,16 @@ class ClipEncoder:
             ready.record(self._prepare_stream)
         return PreparedImages(len(images), batch, ready)
 
+    def _on_model_stream(self) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.stream(self._model_stream) if self._model_stream else contextlib.nullcontext()
+
     @torch.inference_mode()
     def embed_images(self, prepared: PreparedImages) -> np.ndarray:
         """L2-normalised float32 embeddings; a row of NaN where an image did not decode."""
+        with self._on_model_stream():
+            return self._embed_images(prepared)
+
+    def _embed_images(self, prepared: PreparedImages) -> np.ndarray:
         embeddings = np.full((prepared.count, self.embedding_dim), np.nan, dtype=np.float32)
         batch = prepared.pixels
         if not batch.decoded:
@@ -142,6 +154,10 @@ class ClipEncoder:
     @torch.inference_mode()
     def embed_texts(self, prepared: PreparedTexts) -> np.ndarray:
         """One row per text: its L2-normalised embedding, then its token count (OpenAI's ``usage``)."""
+        with self._on_model_stream():
+            return self._embed_texts(prepared)
+
+    def _embed_texts(self, prepared: PreparedTexts) -> np.ndarray:
         ids, mask = prepared.input_ids.to(self.device), prepared.attention_mask.to(self.device)
         features = normalised(self.text_tower(ids, mask))
         counts = prepared.attention_mask.sum(dim=1, keepdim=True).float()

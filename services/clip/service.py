@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,11 @@ class CLIP:
         # torch and transformers: only in this service's process
         from services.clip.encoder import ClipEncoder, EncoderOptions
 
+        # Tokenising a batch of short texts takes a millisecond or two on one thread; spread over
+        # every core by tokenizers' thread pool, each batch woke all of them (6 cores per CLIP
+        # worker for 64-text requests on a 16-core GPU host, bench/RESULTS.md run 10), cores the
+        # entry service's HTTP work needs. One thread, unless the deployment says otherwise.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         device = torch_device()
         path = Path(self.model_ref.path)
         options = EncoderOptions(
