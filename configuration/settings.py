@@ -186,6 +186,30 @@ class Settings(BaseSettings):
     )
     redis_retry_after_seconds: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long.")
 
+    # Image library (services/library): CLIP embeddings of your images, searched by text, image or vector
+    library_store: Literal["embedded", "milvus"] = Field(
+        "embedded",
+        description="`embedded`: files on this host (one entry-service pod, or a shared volume); "
+        "`milvus`: Milvus, in-process (milvus-lite) or a cluster (`MULTIMODAL_LIBRARY_MILVUS_URI`).",
+    )
+    library_path: Path | None = Field(
+        None,
+        description="Directory of the embedded store (and of milvus-lite's file); `$BENTOML_HOME/library` if unset.",
+    )
+    library_search_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the embedded store's exact search runs; `auto`: CUDA when there is a GPU."
+    )
+    library_milvus_uri: str | None = Field(
+        None,
+        description="Milvus to use: `http://host:19530` (a cluster), or a local `*.db` file path (milvus-lite, "
+        "one entry-service worker only); `milvus.db` in the library directory if unset.",
+    )
+    library_milvus_token: str | None = Field(
+        None, repr=False, description="Milvus credentials, `user:password` or an API key."
+    )
+    library_max_top_k: int = Field(1000, ge=1, le=16_384, description="Most results one library search may ask for.")
+    library_max_page: int = Field(1000, ge=1, description="Most items one library listing page may ask for.")
+
     # LLaVA through vLLM (its OpenAI server runs inside the LLaVA service)
     llava_engine_port: int = Field(8000, description="Loopback port of the vLLM server inside the LLaVA service.")
     llava_max_model_len: int = Field(
