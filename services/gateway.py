@@ -42,6 +42,7 @@ from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMidd
 from services.common.model_service import as_service
 from services.common.pixel_budget import PixelBudget
 from services.common.schemas import HealthResponse, ModelList, ModelObject, NotReadyResponse, ReadyResponse
+from services.library import routes as library_routes
 from services.llava import routes as llava_routes
 from services.whisper import routes as whisper_routes
 
@@ -54,6 +55,8 @@ if "clip" in settings.families:
     from services.clip.cache import build_cache
     from services.clip.embedder import ClipEmbedder
     from services.clip.service import CLIP
+    from services.library.api import LibraryAPI
+    from services.library.store import open_store
 if "llava" in settings.families:
     from services.llava.api import LlavaAPI
     from services.llava.service import LLaVA
@@ -76,6 +79,8 @@ for router in ROUTERS.values():
 ROUTE_FAMILIES = {
     route.path: family for family, router in ROUTERS.items() for route in router.routes if isinstance(route, APIRoute)
 }
+# The image library is CLIP's (served when CLIP is), with metrics of its own: services/library/routes.py says why.
+app.include_router(library_routes.router)
 
 
 @bentoml.asgi_app(app, path="/")
@@ -99,6 +104,7 @@ class Gateway:
         if "clip" in settings.families:
             self.embedder = ClipEmbedder(self.clip, build_cache(settings), settings)
             self.families["clip"] = ClipAPI(self.embedder, settings, pixels, as_service(CLIP).url)
+            self.library = LibraryAPI(self.embedder, open_store(settings), settings, pixels)
         if "llava" in settings.families:
             self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, as_service(LLaVA).url, pixels)
         if "whisper" in settings.families:

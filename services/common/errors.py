@@ -94,7 +94,8 @@ def error_response(
 
 ERROR_MEANINGS = {
     400: "Invalid request: a field, an image or audio that does not decode, text that is not valid Unicode.",
-    404: "The model is not served here.",
+    404: "The model is not served here, or (image library) no such collection.",
+    409: "Image library: the collection holds embeddings of another model than this deployment serves.",
     413: "The body, an image or the audio is too large, or a request's images add up to too many pixels.",
     415: "The upload is not audio in an accepted format.",
     429: "Too many requests, image pixels or audio in flight; retry after Retry-After seconds.",

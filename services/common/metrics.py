@@ -86,6 +86,23 @@ WHISPER_BATCH_DURATION = Histogram(
     "whisper_batch_duration_seconds", "Time to decode one batch of windows", ["kind"], buckets=LATENCY_BUCKETS
 )
 
+# Image library (services/library): per collection, as each entry-service worker last saw it.
+LIBRARY_INDEX_SIZE = Gauge(
+    "library_index_size", "Images in a library collection", ["collection"], multiprocess_mode="livemax"
+)
+LIBRARY_ITEMS_ADDED = Counter(
+    "library_items_added_total", "Images added to (or replaced in) the library", ["collection"]
+)
+LIBRARY_SEARCH_DURATION = Histogram(
+    "library_search_duration_seconds",
+    "Library search latency, query embedding included, by what the query was",
+    ["by"],
+    buckets=LATENCY_BUCKETS,
+)
+LIBRARY_ADD_DURATION = Histogram(
+    "library_add_duration_seconds", "Library add latency per request, embedding included", buckets=LATENCY_BUCKETS
+)
+
 # Autoscaling signal: model calls accepted by this pod and not yet answered
 QUEUE_DEPTH = Gauge(
     "queue_depth", "Requests waiting for or inside a model batch", ["model"], multiprocess_mode="livesum"

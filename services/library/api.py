@@ -1,0 +1,172 @@
+"""The image library routes' logic: embed through CLIP (``ClipEmbedder``), then ask the store.
+
+``services.library.routes`` declares the URLs; the entry service builds this when it serves CLIP.
+Store calls block (files, SQLite, gRPC to Milvus), so they run in threads; searches of one
+collection with the same ``top_k`` and filter are merged into one store call (``batching``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from configuration.settings import Settings
+from services.clip.embedder import ClipEmbedder
+from services.common import metrics
+from services.common.errors import APIError
+from services.common.image_validation import BombCheck, EncodedImage, read_image
+from services.common.pixel_budget import PixelBudget
+from services.library.batching import QueryBatcher
+from services.library.protocol import (
+    AddRequest,
+    AddResponse,
+    CollectionInfo,
+    CollectionList,
+    DeleteResponse,
+    Hit,
+    IdsRequest,
+    Item,
+    ItemPage,
+    LookupResponse,
+    SearchRequest,
+    SearchResponse,
+)
+from services.library.store import CollectionModel, Filter, LibraryStore, StoredHit
+
+T = TypeVar("T")
+
+
+class LibraryAPI:
+    def __init__(self, embedder: ClipEmbedder, store: LibraryStore, settings: Settings, pixels: PixelBudget) -> None:
+        self.embedder, self.store, self.settings, self.pixels = embedder, store, settings, pixels
+        self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
+        self._batchers: dict[tuple[str, int, str], QueryBatcher[list[StoredHit]]] = {}
+
+    async def _store(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(call, *args)
+
+    def _check_count(self, count: int, param: str) -> None:
+        if count > self.settings.max_inputs_per_request:
+            limit = self.settings.max_inputs_per_request
+            raise APIError(400, f"at most {limit} items per request", code="too_many_inputs", param=param)
+
+    def _read(self, value: str, param: str) -> EncodedImage:
+        return read_image(
+            value,
+            param=param,
+            max_bytes=self.settings.max_image_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            bomb_check=self.bomb_check,
+        )
+
+    async def _count(self, collection: str) -> int:
+        count = await self._store(self.store.count, collection)
+        metrics.LIBRARY_INDEX_SIZE.labels(collection).set(count)
+        return count
+
+    async def add(self, collection: str, request: AddRequest) -> AddResponse:
+        start = time.perf_counter()
+        self._check_count(len(request.images), "images")
+        images = [self._read(item.image, f"images[{i}].image") for i, item in enumerate(request.images)]
+        # Without an id, the image's content is its id: adding the same bytes twice keeps one copy.
+        ids = [item.id or image.sha256 for item, image in zip(request.images, images, strict=True)]
+        card = await self.embedder.card()
+        await self._store(self.store.ensure, collection, CollectionModel.of(card))  # 409 before any embedding
+        with self.pixels.admit(sum(image.pixels for image in images), param="images"):
+            params = [f"images[{i}].image" for i in range(len(images))]
+            vectors = await self.embedder.embed_images(images, params, card)
+        await self._store(self.store.upsert, collection, ids, vectors, [item.metadata for item in request.images])
+        metrics.LIBRARY_ITEMS_ADDED.labels(collection).inc(len(ids))
+        metrics.LIBRARY_ADD_DURATION.observe(time.perf_counter() - start)
+        return AddResponse(collection=collection, ids=ids, count=await self._count(collection))
+
+    async def search(self, collection: str, request: SearchRequest) -> SearchResponse:
+        start = time.perf_counter()
+        if request.top_k > self.settings.library_max_top_k:
+            limit = self.settings.library_max_top_k
+            raise APIError(400, f"top_k must be at most {limit}", code="invalid_value", param="top_k")
+        model = await self._store(self.store.describe, collection)  # 404 for an unknown collection
+        by, query = await self._query(collection, model, request)
+        where = request.filter or None
+        hits = await self._batcher(collection, request.top_k, where)(query)
+        metrics.LIBRARY_SEARCH_DURATION.labels(by).observe(time.perf_counter() - start)
+        data = [Hit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits]
+        return SearchResponse(collection=collection, data=data)
+
+    async def _query(self, collection: str, model: CollectionModel, request: SearchRequest) -> tuple[str, np.ndarray]:
+        if request.vector is not None:
+            vector = np.asarray(request.vector, dtype=np.float32)
+            if len(vector) != model.dimensions:
+                message = f"collection {collection!r} holds {model.dimensions}-dimension vectors, not {len(vector)}"
+                raise APIError(400, message, code="dimension_mismatch", param="vector")
+            norm = float(np.linalg.norm(vector))
+            if not np.isfinite(norm) or norm == 0:
+                raise APIError(400, "vector must be finite and not zero", code="invalid_value", param="vector")
+            return "vector", vector / norm
+        card = await self.embedder.card()
+        model.check_same(collection, CollectionModel.of(card))  # a text of another model would match noise
+        if request.text is not None:
+            text = request.text
+            if not text.strip() or len(text) > self.settings.max_text_chars:
+                message = f"text must be 1 to {self.settings.max_text_chars} characters, not blank"
+                raise APIError(400, message, code="invalid_value", param="text")
+            vectors, _ = await self.embedder.embed_texts([text], card)
+            return "text", vectors[0]
+        assert request.image is not None  # SearchRequest allows exactly one of the three
+        image = self._read(request.image, "image")
+        with self.pixels.admit(image.pixels, param="image"):
+            vectors = await self.embedder.embed_images([image], ["image"], card)
+        return "image", vectors[0]
+
+    def _batcher(self, collection: str, top_k: int, where: Filter | None) -> QueryBatcher[list[StoredHit]]:
+        key = (collection, top_k, json.dumps(where, sort_keys=True))
+        batcher = self._batchers.get(key)
+        if batcher is None:
+
+            def search(queries: np.ndarray) -> list[list[StoredHit]]:
+                return self.store.search(collection, queries, top_k, where)
+
+            # Keys come from requests: keep the table bounded (a dropped batcher only loses its merging).
+            if len(self._batchers) >= 1024:
+                self._batchers.clear()
+            batcher = self._batchers[key] = QueryBatcher(search)
+        return batcher
+
+    async def delete(self, collection: str, request: IdsRequest) -> DeleteResponse:
+        self._check_count(len(request.ids), "ids")
+        await self._store(self.store.describe, collection)
+        deleted = await self._store(self.store.delete, collection, list(request.ids))
+        return DeleteResponse(collection=collection, deleted=deleted, count=await self._count(collection))
+
+    async def lookup(self, collection: str, request: IdsRequest) -> LookupResponse:
+        if len(request.ids) > self.settings.library_max_page:
+            limit = self.settings.library_max_page
+            raise APIError(400, f"at most {limit} ids per lookup", code="too_many_inputs", param="ids")
+        await self._store(self.store.describe, collection)
+        return LookupResponse(
+            collection=collection, found=await self._store(self.store.lookup, collection, request.ids)
+        )
+
+    async def page(self, collection: str, after: str | None, limit: int) -> ItemPage:
+        if limit > self.settings.library_max_page:
+            raise APIError(
+                400, f"limit must be at most {self.settings.library_max_page}", code="invalid_value", param="limit"
+            )
+        await self._store(self.store.describe, collection)
+        rows = await self._store(self.store.page, collection, after, limit)
+        data = [Item(id=item_id, metadata=metadata) for item_id, metadata in rows]
+        return ItemPage(collection=collection, data=data, next_after=data[-1].id if len(data) == limit else None)
+
+    async def info(self, collection: str) -> CollectionInfo:
+        model = await self._store(self.store.describe, collection)
+        count = await self._count(collection)
+        return CollectionInfo(name=collection, count=count, dimensions=model.dimensions, model=model.model)
+
+    async def collections(self) -> CollectionList:
+        names = await self._store(self.store.collections)
+        return CollectionList(data=[await self.info(name) for name in names])
