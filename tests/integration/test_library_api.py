@@ -4,6 +4,10 @@ both stores: the embedded one (files in the server's BentoML home) and Milvus (m
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +16,7 @@ import pytest
 
 from services.library.embedded import EmbeddedStore
 from services.library.store import CollectionModel, matches
-from tests.conftest import BIN, Server, free_port, start, wait_until
+from tests.conftest import BIN, REPO, Server, free_port, start, wait_until
 from tests.helpers import PHOTOGRAPHS, data_url, jpeg_bytes, metric_value, photograph, png_bytes, random_image
 
 pytestmark = pytest.mark.integration
@@ -231,3 +235,62 @@ def test_a_collection_of_another_model_is_refused(serve_product, tmp_path):
     hits = call(server, "POST", "/v1/library/old/search", {"vector": [1.0] + [0.0] * 511}).json()["data"]
     assert [hit["id"] for hit in hits] == ["a"] and abs(hits[0]["score"] - 1) < TOLERANCE
     assert json.loads(json.dumps(call(server, "GET", "/v1/library/old").json()))["model"] == "some-other-clip"
+
+
+def run_cli(server: Server, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "services.library.cli", "index", *args, "--url", server.url]
+    return subprocess.run(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+
+
+def test_cli_indexes_a_folder_and_resumes_without_embedding_again(server, tmp_path):
+    folder = tmp_path / "album"
+    (folder / "nested").mkdir(parents=True)
+    for seed in range(40):
+        target = folder / ("nested" if seed % 3 else "") / f"img{seed:02d}.png"
+        target.write_bytes(png_bytes(random_image(seed + 1000)))
+    (folder / "cat.jpg").write_bytes(jpeg_bytes(photograph("chelsea.png").convert("RGB")))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.txt").write_text("not an image")
+    total = 41  # the images that decode
+
+    def added() -> float:
+        return metric_value(server.metrics(), "library_items_added_total", collection="album")
+
+    def count() -> int:
+        response = call(server, "GET", "/v1/library/album")
+        return response.json()["count"] if response.status_code == 200 else 0
+
+    # Two files given by name, from inside the folder: the same ids as the folder's run gives them.
+    first = run_cli(server, folder, "cat.jpg", "nested/img01.png", "--collection", "album")
+    assert first.returncode == 0, first.stderr
+    assert "added 2, already stored 0, refused 0" in first.stdout
+    assert count() == 2 and added() == 2
+
+    # The folder, interrupted (SIGKILL) part way through.
+    command = [sys.executable, "-m", "services.library.cli", "index", str(folder), "--collection", "album"]
+    command += ["--url", server.url, "--batch-size", "1", "--concurrency", "1"]
+    cli = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while count() < 12 and cli.poll() is None:
+        time.sleep(0.02)
+    cli.kill()
+    cli.wait()
+    interrupted_at = count()
+    assert 12 <= interrupted_at < total, "the CLI finished before it could be interrupted"
+
+    again = run_cli(server, tmp_path, str(folder), "--collection", "album", "--batch-size", "4")
+    assert again.returncode == 1  # broken.png is refused, and said so
+    assert "refused broken.png" in again.stderr and "%" in again.stderr  # tqdm's bar
+    assert count() == total
+    # Only what was missing was sent and embedded (one request in flight at the kill may have landed twice).
+    assert total <= added() <= total + 1
+    assert f"already stored {interrupted_at}" in again.stdout or f"already stored {interrupted_at + 1}" in again.stdout
+
+    before = added()
+    done = run_cli(server, tmp_path, str(folder), "--collection", "album")
+    assert f"added 0, already stored {total}, refused 1" in done.stdout
+    assert added() == before
+    hits = call(
+        server, "POST", "/v1/library/album/search", {"text": "a cat", "top_k": 3, "filter": {"path": "cat.jpg"}}
+    )
+    assert [hit["id"] for hit in hits.json()["data"]] == ["cat.jpg"]
+    assert call(server, "DELETE", "/v1/library/album/images/nested/img01.png").json()["deleted"] == 1
