@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
@@ -87,7 +88,7 @@ class Client:
 
     def add(self, batch: list[tuple[str, Path]], summary: Summary) -> int:
         """Sends the batch; an image the server refuses is recorded and the rest sent again."""
-        images = []
+        images: list[dict[str, Any]] = []
         for item_id, path in batch:
             mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             data = base64.b64encode(path.read_bytes()).decode()
