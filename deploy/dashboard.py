@@ -140,6 +140,23 @@ def clip(layout: _Layout) -> None:
     layout.add(_panel("timeseries", "Items per encoder batch", batch), width=12)
 
 
+def library(layout: _Layout) -> None:
+    """The image library (served with CLIP): its size, search latency and add throughput."""
+    layout.row("Image library")
+    size = [_target(f"max by (collection) (library_index_size{{{NS}}})", "{{collection}}")]
+    layout.add(_panel("timeseries", "Images per collection", size))
+    search = [
+        _target(_quantile(0.5, "library_search_duration_seconds", "by"), "p50 by {{by}}"),
+        _target(_quantile(0.99, "library_search_duration_seconds", "by"), "p99 by {{by}}"),
+    ]
+    layout.add(_panel("timeseries", "Search latency (query embedding included)", search, "s"))
+    adds = [
+        _target(f"sum by (collection) (rate(library_items_added_total{{{NS}}}[{RATE}]))", "{{collection}}"),
+        _target(f"sum(rate(library_search_duration_seconds_count{{{NS}}}[{RATE}]))", "searches/s"),
+    ]
+    layout.add(_panel("timeseries", "Images added/s and searches/s", adds, "ops"))
+
+
 def llava(layout: _Layout) -> None:
     layout.row("LLaVA (vLLM)")
     kv = _target(f"max by (pod) (vllm:kv_cache_usage_perc{{{NS}}})", "{{pod}}")
@@ -180,6 +197,8 @@ def dashboard(settings: Settings, namespace: str) -> dict[str, Any]:
     for family, build in (("clip", clip), ("llava", llava), ("whisper", whisper)):
         if family in families:
             build(layout)
+            if family == "clip":
+                library(layout)
     variables = [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus"},
         {

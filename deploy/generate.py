@@ -10,7 +10,8 @@ Layout of the output:
                            Service, PodDisruptionBudget, NetworkPolicy), HPAs, monitoring/
   components/keda/         kustomize Component: KEDA ScaledObjects instead of the HPAs
   components/redis/        kustomize Component: Redis for the shared embedding cache
-  overlays/keda/, overlays/redis/   base plus one component each
+  components/milvus/       kustomize Component: the image library on a Milvus you run (operator or Helm)
+  overlays/keda/, overlays/redis/, overlays/milvus/   base plus one component each
   prometheus/rules.yaml    the alerts as a plain Prometheus rule file (promtool)
   prometheus-adapter/values.yaml    Helm values: the queue_depth custom and external metrics
 """
@@ -28,7 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from configuration.families import FAMILIES
 from configuration.settings import Settings
-from deploy import autoscaling, monitoring, network, redis, workloads
+from deploy import autoscaling, milvus, monitoring, network, redis, workloads
 from deploy.k8s import Manifest
 from deploy.spec import DEFAULT_IMAGE, DeploymentSpec, Profile, deployment_spec
 
@@ -130,7 +131,13 @@ def render(spec: DeploymentSpec) -> dict[str, str]:
         [kustomization(["redis.yaml"], "Component", patches=[redis_patch])]
     )
 
-    for name in ("keda", "redis"):
+    out["components/milvus/milvus.yaml"] = dump([milvus.network_policy(spec)])
+    milvus_patch = {"patch": yaml.safe_dump(milvus.settings_patch(spec), sort_keys=False)}
+    out["components/milvus/kustomization.yaml"] = dump(
+        [kustomization(["milvus.yaml"], "Component", patches=[milvus_patch])]
+    )
+
+    for name in ("keda", "redis", "milvus"):
         out[f"overlays/{name}/kustomization.yaml"] = dump(
             [kustomization(["../../base"], components=[f"../../components/{name}"])]
         )

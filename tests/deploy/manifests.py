@@ -20,7 +20,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "deploy" / "manifests"
-VARIANTS = ("base", "overlays/keda", "overlays/redis", "keda+redis")
+VARIANTS = ("base", "overlays/keda", "overlays/redis", "overlays/milvus", "keda+redis")
 
 
 def kubectl() -> str:

@@ -292,6 +292,24 @@ def test_redis_component_is_reachable_only_from_the_entry_service_and_selected_b
     assert "redis" not in {d["metadata"]["name"] for d in of_kind(rendered("base"), "Deployment")}
 
 
+def test_milvus_component_selects_the_milvus_library_store_and_opens_only_its_port():
+    docs = rendered("overlays/milvus")
+    settings = named(docs, "ConfigMap", "multimodal-settings")["data"]
+    assert settings["MULTIMODAL_LIBRARY_STORE"] == "milvus"
+    assert settings["MULTIMODAL_LIBRARY_MILVUS_URI"] == "http://milvus.milvus.svc.cluster.local:19530"
+    policy = named(docs, "NetworkPolicy", "gateway-to-milvus")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "gateway"
+    _, egress = _rules(policy)
+    assert egress == [
+        {
+            "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "milvus"}}}],
+            "ports": [{"protocol": "TCP", "port": 19530}],
+        }
+    ]
+    base_settings = named(rendered("base"), "ConfigMap", "multimodal-settings")["data"]
+    assert "MULTIMODAL_LIBRARY_STORE" not in base_settings  # the embedded store unless the component is used
+
+
 @pytest.mark.parametrize("variant", ["overlays/keda", "keda+redis"])
 def test_keda_replaces_every_hpa_with_a_scaled_object(variant: str):
     docs = rendered(variant)

@@ -72,6 +72,10 @@ def scraped(serve_product) -> set[str]:
             timeout=300,
         ),
     ]
+    # The image library's labelled series (per collection, per kind of query) exist once used.
+    library = f"{server.url}/v1/library/scraped"
+    answers.append(httpx.post(f"{library}/images", json={"images": [{"image": b64(image)}]}, timeout=120))
+    answers.append(httpx.post(f"{library}/search", json={"text": "a cat"}, timeout=120))
     for answer in answers:
         assert answer.status_code == 200, answer.text
     text = server.metrics()
