@@ -18,7 +18,9 @@ change meaning; the space of deleted slots is not reclaimed).
 Readers (any thread or process) keep a view of the committed slots: on each search they read the
 commit counter and, when it moved, map the new rows and mark the newly deleted slots, reading both
 in one snapshot. Search is exact: a matrix product over every live row, on the GPU with torch when
-there is one (the rows copied there once), else with numpy over the memory map in blocks.
+there is one (the float16 rows copied there once), else with numpy over a float32 copy in memory
+(numpy has no fast float16 arithmetic: converting a million rows took 1.4 s per search on this CPU,
+against 50 ms for the product itself), in blocks.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE UNIQUE INDEX IF NOT EXISTS live_ids ON slots (id) WHERE deleted_seq IS NULL;
 CREATE INDEX IF NOT EXISTS deletions ON slots (deleted_seq) WHERE deleted_seq IS NOT NULL;
 """
-# Rows converted to float32 at a time on the CPU: 16k x 768 x 4 bytes = 48 MB.
-CPU_BLOCK_ROWS = 16_384
+# Rows multiplied at a time on the CPU: bounds the scores matrix (64k rows x 64 queries x 4 bytes = 16 MB).
+CPU_BLOCK_ROWS = 65_536
 SQL_CHUNK = 500  # host parameters per statement, well under SQLite's limit
 
 
@@ -69,18 +71,21 @@ def _where_sql(where: Filter) -> tuple[str, list[Any]]:
     return " AND ".join(clauses), params
 
 
-def _cuda_torch(device: str) -> Any:
-    """torch when search should run on CUDA, else None. ``auto`` looks for an NVIDIA device node
-    before importing torch, so a CPU-only entry service never pays torch's import."""
+def _torch_backend(device: str) -> tuple[Any, str]:
+    """(torch, its device) when search should run with torch, else (None, "cpu"). ``auto`` looks for an
+    NVIDIA device node before importing torch, so a CPU-only entry service never pays torch's import.
+    ``torch-cpu`` runs the GPU path's code on the CPU: for tests on machines without a GPU."""
     if device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl")):
-        return None
+        return None, "cpu"
     import torch
 
+    if device == "torch-cpu":
+        return torch, "cpu"
     if torch.cuda.is_available():
-        return torch
+        return torch, "cuda"
     if device == "cuda":
         raise RuntimeError("MULTIMODAL_LIBRARY_SEARCH_DEVICE=cuda but CUDA is not available")
-    return None
+    return None, "cpu"
 
 
 class _View:
@@ -91,13 +96,14 @@ class _View:
         self.count = 0
         self.live = np.zeros(0, dtype=bool)
         self.rows: np.ndarray | None = None  # the memory map of the committed rows
-        self.device_rows: Any = None  # torch tensor on CUDA, capacity >= count
+        self.host_rows: np.ndarray | None = None  # CPU search: float32 copy, capacity >= count
+        self.device_rows: Any = None  # GPU search: torch float16 tensor on CUDA, capacity >= count
         self.device_live: Any = None
 
 
 class Collection:
-    def __init__(self, directory: Path, dimensions: int, torch: Any) -> None:
-        self.directory, self.dimensions, self.torch = directory, dimensions, torch
+    def __init__(self, directory: Path, dimensions: int, torch: Any, torch_device: str) -> None:
+        self.directory, self.dimensions, self.torch, self.torch_device = directory, dimensions, torch, torch_device
         self.row_bytes = dimensions * 2
         self._local = threading.local()
         self._write_lock = threading.Lock()  # one writer per process; BEGIN IMMEDIATE orders processes
@@ -208,15 +214,31 @@ class Collection:
             )
             if self.torch is not None:
                 self._to_device(view, new)
+            else:
+                self._to_host(view, new)
             self._view = new  # searches already running keep the view they started with
             return new
+
+    def _to_host(self, old: _View, new: _View) -> None:
+        capacity = 0 if old.host_rows is None else len(old.host_rows)
+        if new.count > capacity:  # grow by doubling, so a stream of small adds copies each row about twice
+            grown = np.empty((max(new.count, 2 * capacity, 1024), self.dimensions), dtype=np.float32)
+            if old.count:
+                assert old.host_rows is not None
+                grown[: old.count] = old.host_rows[: old.count]
+            new.host_rows = grown
+        else:
+            new.host_rows = old.host_rows
+        if new.count > old.count and new.rows is not None:
+            assert new.host_rows is not None
+            new.host_rows[old.count : new.count] = new.rows[old.count :]  # converts to float32
 
     def _to_device(self, old: _View, new: _View) -> None:
         torch = self.torch
         capacity = 0 if old.device_rows is None else old.device_rows.shape[0]
         if new.count > capacity:  # grow by doubling, so a stream of small adds copies each row about twice
             grown = torch.empty(
-                (max(new.count, 2 * capacity, 1024), self.dimensions), dtype=torch.float16, device="cuda"
+                (max(new.count, 2 * capacity, 1024), self.dimensions), dtype=torch.float16, device=self.torch_device
             )
             if old.count:
                 grown[: old.count] = old.device_rows[: old.count]
@@ -224,8 +246,10 @@ class Collection:
         else:
             new.device_rows = old.device_rows
         if new.count > old.count and new.rows is not None:
-            new.device_rows[old.count : new.count] = torch.from_numpy(np.asarray(new.rows[old.count :])).to("cuda")
-        new.device_live = torch.from_numpy(new.live).to("cuda")
+            new.device_rows[old.count : new.count] = torch.from_numpy(np.array(new.rows[old.count :])).to(
+                self.torch_device
+            )
+        new.device_live = torch.from_numpy(new.live).to(self.torch_device)
 
     def search(self, queries: np.ndarray, top_k: int, where: Filter | None) -> list[list[StoredHit]]:
         view = self._refresh()
@@ -238,33 +262,40 @@ class Collection:
         if view.rows is None or (candidates is not None and not len(candidates)):
             return [[] for _ in queries]
         if self.torch is not None:
-            slots, scores = self._search_cuda(view, queries, top_k, candidates)
+            slots, scores = self._search_torch(view, queries, top_k, candidates)
         else:
             slots, scores = self._search_cpu(view, queries, top_k, candidates)
         return self._hits(slots, scores)
 
-    def _search_cuda(
+    def _search_torch(
         self, view: _View, queries: np.ndarray, top_k: int, candidates: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Float16 products pick candidates (a few more than asked for); their scores are then computed
+        again in float32, so the ranking and the scores are those of the CPU path, not float16's
+        (whose rounding of a score near 0.3 is 2e-4: enough to swap neighbours)."""
         torch = self.torch
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float16)).to("cuda")
+        q32 = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.torch_device)
+        rows = view.device_rows[: view.count]
         if candidates is None:
-            scores = q @ view.device_rows[: view.count].T
+            scores = q32.half() @ rows.T
             scores.masked_fill_(~view.device_live, float("-inf"))
             index = None
         else:
-            index = torch.from_numpy(candidates).to("cuda")
-            scores = q @ view.device_rows.index_select(0, index).T
-        k = min(top_k, scores.shape[1])
-        best, at = torch.topk(scores.float(), k, dim=1)
+            index = torch.from_numpy(candidates).to(self.torch_device)
+            scores = q32.half() @ rows.index_select(0, index).T
+        wide = min(2 * top_k + 32, scores.shape[1])
+        rough, at = torch.topk(scores, wide, dim=1)
         if index is not None:
             at = index[at]
-        return at.cpu().numpy(), best.cpu().numpy()
+        exact = torch.einsum("qkd,qd->qk", rows[at].float(), q32)  # (queries, wide), float32
+        exact.masked_fill_(torch.isinf(rough), float("-inf"))  # deleted rows stay out
+        best, order = torch.topk(exact, min(top_k, wide), dim=1)
+        return torch.gather(at, 1, order).cpu().numpy(), best.cpu().numpy()
 
     def _search_cpu(
         self, view: _View, queries: np.ndarray, top_k: int, candidates: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        assert view.rows is not None
+        assert view.host_rows is not None
         q = np.ascontiguousarray(queries, dtype=np.float32).T
         total = view.count if candidates is None else len(candidates)
         best_slots, best_scores = [], []
@@ -272,10 +303,10 @@ class Collection:
             stop = min(start + CPU_BLOCK_ROWS, total)
             if candidates is None:
                 slots = np.arange(start, stop)
-                block = np.asarray(view.rows[start:stop], dtype=np.float32)
+                block = view.host_rows[start:stop]
             else:
                 slots = candidates[start:stop]
-                block = np.asarray(view.rows[slots], dtype=np.float32)
+                block = view.host_rows[slots]
             scores = block @ q  # (rows, queries)
             if candidates is None:
                 scores[~view.live[start:stop]] = -np.inf
@@ -325,10 +356,10 @@ class EmbeddedStore:
     def __init__(self, root: Path, device: str = "auto") -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self._torch = _cuda_torch(device)
+        self._torch, self._torch_device = _torch_backend(device)
         self._open: dict[str, tuple[Collection, CollectionModel]] = {}
         self._lock = threading.Lock()
-        log.info("library: embedded store in %s, searching on %s", root, "cuda" if self._torch else "cpu")
+        log.info("library: embedded store in %s, searching with %s", root, "torch" if self._torch else "numpy")
 
     def collections(self) -> list[str]:
         return sorted(path.parent.name for path in self.root.glob(f"*/{DB_NAME}") if self._model(path.parent.name))
@@ -355,7 +386,10 @@ class EmbeddedStore:
                 model = self._model(name)
                 if model is None:
                     raise collection_not_found(name)
-                self._open[name] = (Collection(self.root / name, model.dimensions, self._torch), model)
+                self._open[name] = (
+                    Collection(self.root / name, model.dimensions, self._torch, self._torch_device),
+                    model,
+                )
             return self._open[name]
 
     def describe(self, collection: str) -> CollectionModel:

@@ -21,6 +21,8 @@ from tests.unit.library.writer import DIMENSIONS, MODEL, batch, open_store
 
 REPO = Path(__file__).resolve().parents[3]
 KINDS = ["embedded", "milvus"]
+# Search itself also through the GPU path's code (torch, float16 rows on the device), here on the CPU.
+SEARCH_KINDS = [*KINDS, "embedded-torch"]
 # Float16 storage (embedded) rounds each component to 11 significant bits: a unit vector's scores move by <1e-3.
 TOLERANCE = 1e-3
 
@@ -89,7 +91,7 @@ def assert_same_results(
             assert where is None or matches(hit.metadata, where)
 
 
-@pytest.mark.parametrize("reopen", KINDS, indirect=True)
+@pytest.mark.parametrize("reopen", SEARCH_KINDS, indirect=True)
 def test_add_search_delete_restart_search_equal_brute_force(reopen):
     store = reopen()
     store.ensure("photos", MODEL)
@@ -127,7 +129,7 @@ def test_add_search_delete_restart_search_equal_brute_force(reopen):
     assert_same_results(store, expected, queries[:2], 1000, exact_order=False)
 
 
-@pytest.mark.parametrize("reopen", KINDS, indirect=True)
+@pytest.mark.parametrize("reopen", SEARCH_KINDS, indirect=True)
 def test_adding_an_id_again_replaces_it(reopen):
     store = reopen()
     store.ensure("photos", MODEL)
@@ -234,7 +236,7 @@ def test_a_writer_killed_mid_add_leaves_every_acknowledged_add(reopen, tmp_path)
     assert store.search("crash", vectors[:1], 1, None)[0][0].id == ids[0]
 
 
-@pytest.mark.parametrize("reopen", KINDS, indirect=True)
+@pytest.mark.parametrize("reopen", SEARCH_KINDS, indirect=True)
 def test_readers_search_while_a_writer_adds(reopen):
     store = reopen()
     store.ensure("photos", MODEL)

@@ -27,7 +27,8 @@ def open_store(kind: str, path: Path) -> LibraryStore:
         return MilvusStore(str(path / "milvus.db"))
     from services.library.embedded import EmbeddedStore
 
-    return EmbeddedStore(path, device="cpu")
+    # embedded-torch: the GPU path's code (torch, float16 on the device) run on the CPU
+    return EmbeddedStore(path, device="torch-cpu" if kind == "embedded-torch" else "cpu")
 
 
 if __name__ == "__main__":
