@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from services.library.protocol import (
 from services.library.store import CollectionModel, Filter, LibraryStore, StoredHit
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class LibraryAPI:
@@ -46,6 +48,23 @@ class LibraryAPI:
         self.embedder, self.store, self.settings, self.pixels = embedder, store, settings, pixels
         self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
         self._batchers: dict[tuple[str, int, str], QueryBatcher[list[StoredHit]]] = {}
+        self._models: dict[str, CollectionModel] = {}  # a collection's model never changes
+        self._report_sizes()
+
+    def _report_sizes(self) -> None:
+        """Each collection's size on /metrics from the start, not only once a request touches it."""
+        try:
+            for name in self.store.collections():
+                metrics.LIBRARY_INDEX_SIZE.labels(name).set(self.store.count(name))
+        except Exception as exc:  # an unreachable Milvus must not stop the entry service from starting
+            log.warning("library sizes not reported at start: %r", exc)
+
+    async def _describe(self, collection: str) -> CollectionModel:
+        """The collection's model (404 if there is none); asked of the store once, not per search."""
+        model = self._models.get(collection)
+        if model is None:
+            model = self._models[collection] = await self._store(self.store.describe, collection)
+        return model
 
     async def _store(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(call, *args)
@@ -76,10 +95,17 @@ class LibraryAPI:
         # Without an id, the image's content is its id: adding the same bytes twice keeps one copy.
         ids = [item.id or image.sha256 for item, image in zip(request.images, images, strict=True)]
         card = await self.embedder.card()
-        await self._store(self.store.ensure, collection, CollectionModel.of(card))  # 409 before any embedding
+        model = CollectionModel.of(card)
+        try:
+            (await self._describe(collection)).check_same(collection, model)  # 409 before any embedding
+        except APIError as error:
+            if error.code != "collection_not_found":
+                raise
         with self.pixels.admit(sum(image.pixels for image in images), param="images"):
             params = [f"images[{i}].image" for i in range(len(images))]
             vectors = await self.embedder.embed_images(images, params, card)
+        # Created only now: an add refused for an image that does not decode leaves no empty collection.
+        await self._store(self.store.ensure, collection, model)
         await self._store(self.store.upsert, collection, ids, vectors, [item.metadata for item in request.images])
         metrics.LIBRARY_ITEMS_ADDED.labels(collection).inc(len(ids))
         metrics.LIBRARY_ADD_DURATION.observe(time.perf_counter() - start)
@@ -90,7 +116,7 @@ class LibraryAPI:
         if request.top_k > self.settings.library_max_top_k:
             limit = self.settings.library_max_top_k
             raise APIError(400, f"top_k must be at most {limit}", code="invalid_value", param="top_k")
-        model = await self._store(self.store.describe, collection)  # 404 for an unknown collection
+        model = await self._describe(collection)  # 404 for an unknown collection
         by, query = await self._query(collection, model, request)
         where = request.filter or None
         hits = await self._batcher(collection, request.top_k, where)(query)

@@ -140,6 +140,8 @@ def test_add_search_delete_restart_search_again(serve_product, store_env):
         assert info["count"] == len(items) - 1 and info["dimensions"] == len(text_vector)
         if round == "before":
             server = restart(server)
+            # Reported from the start, before any request names the collection.
+            assert metric_value(server.metrics(), "library_index_size", collection="photos") == len(vectors)
 
     # Listing, in id order, a page at a time; lookup of ids.
     seen, after = [], None
@@ -213,11 +215,14 @@ def test_client_errors_in_the_error_shape(server):
     for body, code in adds:
         assert_error(call(server, "POST", "/v1/library/errs/images", body), 400, code)
     assert_error(call(server, "POST", "/v1/library/bad-name!/images", {"images": [{"image": url}]}), 400)
+    undecodable = data_url(png_bytes(random_image(8))[:200])  # a valid header, truncated pixels
+    refused = call(server, "POST", "/v1/library/fresh/images", {"images": [{"image": url}, {"image": undecodable}]})
+    assert_error(refused, 400, "invalid_image", "images[1].image")
     assert_error(call(server, "GET", "/v1/library/errs/images", limit=100_000), 400, "invalid_value", "limit")
     assert_error(call(server, "POST", "/v1/library/errs/delete", {"ids": []}), 400, "invalid_value")
     # Nothing of the above changed the collection, nor created another.
     assert call(server, "GET", "/v1/library/errs").json()["count"] == 1
-    assert "nope" not in [c["name"] for c in call(server, "GET", "/v1/library").json()["data"]]
+    assert {"nope", "fresh"}.isdisjoint(c["name"] for c in call(server, "GET", "/v1/library").json()["data"])
 
 
 def test_a_collection_of_another_model_is_refused(serve_product, tmp_path):

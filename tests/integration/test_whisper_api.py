@@ -512,3 +512,15 @@ def test_past_the_queue_bound_a_transcription_gets_429_with_retry_after(fair_ser
     assert whisper_queue_depth(fair_server) == 0
     text = fair_server.metrics()
     assert metric_value(text, "whisper_requests_total", endpoint="/v1/audio/transcriptions", status="429") == 1
+
+
+def test_the_image_library_is_not_served_without_clip(server):
+    """The library's vectors are CLIP's: a deployment without CLIP answers its routes 404 not_served."""
+    for method, route, body in (
+        ("GET", "/v1/library", None),
+        ("POST", "/v1/library/photos/search", {"text": "a cat"}),
+        ("POST", "/v1/library/photos/images", {"images": [{"image": "aGVsbG8="}]}),
+    ):
+        response = httpx.request(method, f"{server.url}{route}", json=body, timeout=30)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "not_served"
