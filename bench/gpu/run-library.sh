@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The image library on the GPU machine (bench/RESULTS.md, "Image library"), in one run:
+#   1. the embedded store alone, 1M synthetic 768-d vectors, search on the GPU (torch) at 1/16/64 clients;
+#   2. the product served (bentoml serve, ViT-L/14 random weights): photographs added through HTTP
+#      (images/s), then 1M synthetic vectors loaded into that collection, then text-to-image search
+#      through HTTP at 1/16/64/256 clients (QPS, p50, p99), and vector search beside it.
+# Build the wheels here first (bench/gpu/wheelhouse.sh: nothing beyond what the CLIP run carries),
+# then, with the device tool:
+#   run(command="bash bench/gpu/run-library.sh", carry=[".whl"], timeout_s=600)
+# STEPS="store" or STEPS="served" runs one part; extra arguments go to both. Results land in $OUT.
+set -euo pipefail
+out=${OUT:-bench/results}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+nproc | tee -a "$out/gpu.txt"
+for step in ${STEPS:-store served}; do
+  case $step in
+    store) python3 -m bench.library store --stores embedded --search-device cuda --vectors 1000000 --duration 10 --warmup 3 \
+             --out "$out" --name library_store_h200 "$@" 2>&1 | tee "$out/library_store.log" ;;
+    served) python3 -m bench.library served --search-device cuda --vectors 1000000 --gateway-workers 8 --client-processes 8 \
+             --duration 8 --warmup 4 --out "$out" --name library_served_h200 "$@" 2>&1 | tee "$out/library_served.log" ;;
+  esac
+done
+# What the servers logged about errors, and any traceback.
+grep -h -i -A3 "traceback\|error" /tmp/bench-library-served-*/serve*.log 2>/dev/null | tail -80 > "$out/serve-errors.txt" || true
