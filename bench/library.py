@@ -213,12 +213,13 @@ def served(args: argparse.Namespace) -> dict:
         "MULTIMODAL_FAMILIES": "clip",
         "MULTIMODAL_CACHE_BACKEND": "none",  # every text query is embedded
         "MULTIMODAL_GATEWAY_WORKERS": str(args.gateway_workers),
+        "MULTIMODAL_CLIP_WORKERS": str(args.clip_workers),
         "MULTIMODAL_MAX_CONCURRENT_REQUESTS": "1024",
         "MULTIMODAL_LIBRARY_PATH": str(library),
         "MULTIMODAL_LIBRARY_SEARCH_DEVICE": args.search_device,
     }
     server = ServedProduct(3000, home / "serve.log", **env)
-    results: dict[str, Any] = {"gateway_workers": args.gateway_workers, "levels": []}
+    results: dict[str, Any] = {"gateway_workers": args.gateway_workers, "clip_workers": args.clip_workers, "levels": []}
     try:
         server.wait_ready()
         url = f"{server.url}/v1/library/{COLLECTION}"
@@ -350,6 +351,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--shape", default="vit-l-14", help="served: the CLIP shape (random weights)")
     parser.add_argument("--gateway-workers", type=int, default=4, help="served: entry-service workers")
+    parser.add_argument("--clip-workers", type=int, default=2, help="served: CLIP service processes")
     parser.add_argument("--client-processes", type=int, default=4, help="served: load-generator processes")
     parser.add_argument("--images", type=int, default=1024, help="served: photographs added through HTTP")
     parser.add_argument("--add-concurrency", type=int, default=8, help="served: add requests in flight")

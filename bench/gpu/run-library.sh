@@ -19,7 +19,7 @@ for step in ${STEPS:-store served}; do
   case $step in
     store) python3 -m bench.library store --stores embedded --search-device cuda --vectors 1000000 --duration 10 --warmup 3 \
              --out "$out" --name library_store_h200 "$@" 2>&1 | tee "$out/library_store.log" ;;
-    served) python3 -m bench.library served --search-device cuda --vectors 1000000 --gateway-workers 8 --client-processes 8 \
+    served) python3 -m bench.library served --search-device cuda --vectors 1000000 --gateway-workers 8 --clip-workers 2 --client-processes 6 \
              --duration 8 --warmup 4 --out "$out" --name library_served_h200 "$@" 2>&1 | tee "$out/library_served.log" ;;
   esac
 done

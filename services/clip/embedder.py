@@ -1,8 +1,8 @@
 """Cache-aware embedding on top of the CLIP service, shared by every CLIP route.
 
 Looks every input up in the cache first and sends only the misses to the CLIP service, through
-a coalescer that merges concurrent requests' misses into one call (whose adaptive batcher then
-merges it with other workers' calls), then stores what came back.
+a coalescer that merges concurrent requests' misses into one call (which the CLIP service's
+continuous batcher merges with other workers' calls), then stores what came back.
 """
 
 from __future__ import annotations

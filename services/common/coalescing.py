@@ -1,10 +1,10 @@
-"""Fewer, larger calls from the entry service to a batchable model-service API.
+"""Fewer, larger calls from the entry service to a model-service API that batches.
 
 Every call to a dependency service costs a round trip through two HTTP stacks and a pickle
 each way. Sent one per request, that cost (not the model) limits throughput: the model
 service's single event loop would handle thousands of calls a second. A coalescer merges the
-items of concurrent requests in this worker into one call; the model service's adaptive
-batcher then merges the calls of every worker into batches.
+items of concurrent requests in this worker into one call; the model service's batcher then
+merges the calls of every worker into batches.
 
 No timer is involved: while fewer than ``max_in_flight`` calls are out, items go at once, so a
 lone request waits for nothing; under load, items queue while calls are out and the next call
