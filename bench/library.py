@@ -269,6 +269,8 @@ def served(args: argparse.Namespace) -> dict:
         for _ in range(2 * args.gateway_workers):  # every worker copies the vectors to the GPU once
             client.post(f"{url}/search", content=text_bodies[0], headers={"content-type": "application/json"})
         for scenario, search_bodies in (("text", text_bodies), ("vector", vector_bodies)):
+            if scenario not in args.scenarios:
+                continue
             for clients in args.levels:
                 level = run_level(
                     f"{url}/search",
@@ -351,6 +353,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--shape", default="vit-l-14", help="served: the CLIP shape (random weights)")
     parser.add_argument("--gateway-workers", type=int, default=4, help="served: entry-service workers")
+    parser.add_argument("--scenarios", nargs="+", default=["text", "vector"], choices=["text", "vector"])
     parser.add_argument("--clip-workers", type=int, default=2, help="served: CLIP service processes")
     parser.add_argument("--client-processes", type=int, default=4, help="served: load-generator processes")
     parser.add_argument("--images", type=int, default=1024, help="served: photographs added through HTTP")
