@@ -78,7 +78,8 @@ def import_model(spec: ModelSpec, profile: str, seed: int = DEFAULT_SEED, force:
         with bentoml.models.create(spec.tag, labels=labels, metadata=metadata) as model:
             shutil.copytree(work, model.path, dirs_exist_ok=True)
     log.info("imported %s as %s", spec.family, model.tag)
-    return model
+    # `model` still points at create's temporary folder, removed once the store has its copy.
+    return bentoml.models.get(model.tag)
 
 
 def main(argv: list[str] | None = None) -> None:
