@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import bentoml
 from tqdm import tqdm
@@ -59,6 +60,24 @@ def _download(spec: ModelSpec, out_dir: Path) -> None:
         )
 
 
+def model_metadata(spec: ModelSpec, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """What the store records with a model: its source and, for a published Whisper, its alignment heads."""
+    if spec.generated:
+        # A generated Whisper has no published alignment heads: it keeps openai-whisper's
+        # default (every head of the last half of the decoder layers), so none are recorded.
+        return {"source": spec.source, "seed": seed}
+    metadata: dict[str, Any] = {"source": spec.source}
+    if spec.family == "whisper":
+        from services.whisper.alignment_heads import ALIGNMENT_HEADS_KEY, published_alignment_heads
+
+        # whisper.load_model sets these only for a model name; the service loads a file.
+        heads = published_alignment_heads(spec.source)
+        if heads is None:
+            raise ValueError(f"openai-whisper publishes no alignment heads for {spec.source!r}")
+        metadata[ALIGNMENT_HEADS_KEY] = heads
+    return metadata
+
+
 def import_model(spec: ModelSpec, profile: str, seed: int = DEFAULT_SEED, force: bool = False) -> bentoml.Model:
     if not force:
         try:
@@ -67,6 +86,7 @@ def import_model(spec: ModelSpec, profile: str, seed: int = DEFAULT_SEED, force:
             return existing
         except bentoml.exceptions.NotFound:
             pass
+    metadata = model_metadata(spec, seed)  # before a download: a model it cannot describe fails at once
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if spec.generated:
@@ -74,11 +94,11 @@ def import_model(spec: ModelSpec, profile: str, seed: int = DEFAULT_SEED, force:
         else:
             _download(spec, work)
         labels = {"profile": profile, "family": spec.family, "architecture": spec.architecture}
-        metadata = {"source": spec.source, **({"seed": seed} if spec.generated else {})}
         with bentoml.models.create(spec.tag, labels=labels, metadata=metadata) as model:
             shutil.copytree(work, model.path, dirs_exist_ok=True)
     log.info("imported %s as %s", spec.family, model.tag)
-    return model
+    # `model` still points at create's temporary folder, removed once the store has its copy.
+    return bentoml.models.get(model.tag)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,7 @@ from configuration.settings import get_settings
 from services.common import metrics
 from services.common.device import torch_device
 from services.common.model_service import batched_api, model_service
+from services.whisper.alignment_heads import set_stored_alignment_heads
 from services.whisper.decoding import MixedLanguageTask
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
 
@@ -58,6 +59,15 @@ class Whisper:
     def __init__(self) -> None:
         self.device = torch_device()
         self.model = whisper.load_model(str(Path(self.model_ref.path) / CHECKPOINT), device=self.device).eval()
+        # load_model sets the published alignment heads only for a model name, not a file:
+        # they come from the store (services.whisper.alignment_heads). Only their indices are
+        # read, so the mask may stay on the CPU.
+        metadata = self.model_ref.info.metadata
+        if not set_stored_alignment_heads(self.model, metadata) and metadata.get("source") != "generated":
+            log.warning(
+                "%s stores no alignment heads: word timings use the default heads; re-import it with --force",
+                self.model_ref.tag,
+            )
         self.fp16 = self.device.type == "cuda"
         if self.fp16:
             for module in self.model.modules():

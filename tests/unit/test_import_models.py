@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bentos.tiny.whisper import CHECKPOINT
 from tests.conftest import BIN, REPO
 
 
@@ -51,3 +52,14 @@ def test_a_model_already_in_the_store_is_kept_unless_forced(tmp_path):
     assert model_info("tiny-clip", tmp_path)["version"] == version
     run([sys.executable, "-m", "bentos.import_models", "--family", "clip", "--force"], tmp_path)
     assert model_info("tiny-clip", tmp_path)["version"] != version
+
+
+def test_an_imported_model_is_returned_as_stored(tmp_path):
+    # bentoml.models.create's own object points at its temporary folder, gone once it is saved.
+    code = (
+        "from bentos.import_models import import_model; from configuration.profiles import TINY; "
+        "print(import_model(TINY['whisper'], 'tiny').path)"
+    )
+    path = Path(run([sys.executable, "-c", code], tmp_path).stdout.splitlines()[-1])
+    assert path.is_relative_to(tmp_path / "models"), path
+    assert (path / CHECKPOINT).is_file()
