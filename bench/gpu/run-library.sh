@@ -9,12 +9,7 @@
 #   run(command="bash bench/gpu/run-library.sh", carry=[".whl"], timeout_s=600)
 # STEPS="store" or STEPS="served" runs one part; extra arguments go to both. Results land in $OUT.
 set -euo pipefail
-out=${OUT:-bench/results}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-nproc | tee -a "$out/gpu.txt"
+source "$(dirname "$0")/device-setup.sh"  # wheels installed, $out, gpu.txt
 for step in ${STEPS:-store served}; do
   case $step in
     store) python3 -m bench.library store --stores embedded --search-device cuda --vectors 1000000 --duration 10 --warmup 3 \

@@ -27,9 +27,17 @@ from services.clip.protocol import (
 )
 from services.common import metrics
 from services.common.errors import APIError, check_model
-from services.common.image_validation import BombCheck, EncodedImage, is_image_data_url, read_image
+from services.common.image_validation import ImageReader, is_image_data_url
 from services.common.pixel_budget import PixelBudget
 from services.common.readiness import ServiceProbe
+
+
+def check_text(text: str, param: str, max_chars: int) -> None:
+    """A text input to CLIP: not blank, and within the deployment's length limit."""
+    if not text.strip():
+        raise APIError(400, "text inputs must not be empty", code="invalid_value", param=param)
+    if len(text) > max_chars:
+        raise APIError(400, f"text inputs are limited to {max_chars} characters", code="text_too_long", param=param)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -42,7 +50,7 @@ class ClipAPI:
         self, embedder: ClipEmbedder, settings: Settings, pixels: PixelBudget, service_url: str | None = None
     ) -> None:
         self.embedder, self.settings, self.pixels = embedder, settings, pixels
-        self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
+        self.images = ImageReader(settings)
         self._probe = ServiceProbe("CLIP", service_url)
 
     def _check_count(self, count: int, param: str) -> None:
@@ -51,28 +59,12 @@ class ClipAPI:
             raise APIError(400, f"at most {limit} inputs per request", code="too_many_inputs", param=param)
 
     def _check_texts(self, texts: list[str], param: str) -> None:
-        self._check_count(len(texts), param)
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise APIError(400, "text inputs must not be empty", code="invalid_value", param=f"{param}[{i}]")
-            if len(text) > self.settings.max_text_chars:
-                message = f"text inputs are limited to {self.settings.max_text_chars} characters"
-                raise APIError(400, message, code="text_too_long", param=f"{param}[{i}]")
-
-    def _read(self, value: str, param: str) -> EncodedImage:
-        # Base64 and a header check only (tens of microseconds for a photo): pixels are decoded by
-        # the CLIP service, so this stays on the event loop.
-        return read_image(
-            value,
-            param=param,
-            max_bytes=self.settings.max_image_bytes,
-            max_pixels=self.settings.max_image_pixels,
-            bomb_check=self.bomb_check,
-        )
+            check_text(text, f"{param}[{i}]", self.settings.max_text_chars)
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         self._check_texts(request.texts, "texts")
-        image = self._read(request.image_data, "image_data")
+        image = self.images.read(request.image_data, "image_data")
         card = await self.embedder.card()  # one model for the image and the texts
         with self.pixels.admit(image.pixels, param="image_data"):
             image_vectors, (text_vectors, _) = await asyncio.gather(
@@ -95,7 +87,7 @@ class ClipAPI:
         if "{}" not in request.template:
             raise APIError(400, "template must contain {} where the label goes", code="invalid_value", param="template")
         self._check_texts(request.labels, "labels")
-        image = self._read(request.image_data, "image_data")
+        image = self.images.read(request.image_data, "image_data")
         prompts = [request.template.replace("{}", label) for label in request.labels]
         card = await self.embedder.card()  # one model for the image, the prompts and the logit scale
         with self.pixels.admit(image.pixels, param="image_data"):
@@ -125,7 +117,7 @@ class ClipAPI:
         text_at = [i for i, image in enumerate(is_image) if not image]
         texts = [inputs[i] for i in text_at]
         self._check_texts(texts, "input")
-        images = [self._read(inputs[i], f"input[{i}]") for i in image_at]
+        images = [self.images.read(inputs[i], f"input[{i}]") for i in image_at]
 
         vectors = np.empty((len(inputs), card.embedding_dim), dtype=np.float32)
         tokens = 0

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from configuration.settings import Settings
+from services.clip.api import check_text
 from services.clip.embedder import ClipEmbedder
 from services.common import metrics
 from services.common.errors import APIError
-from services.common.image_validation import BombCheck, EncodedImage, read_image
+from services.common.image_validation import ImageReader
 from services.common.pixel_budget import PixelBudget
 from services.library.batching import QueryBatcher
 from services.library.protocol import (
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class LibraryAPI:
     def __init__(self, embedder: ClipEmbedder, store: LibraryStore, settings: Settings, pixels: PixelBudget) -> None:
         self.embedder, self.store, self.settings, self.pixels = embedder, store, settings, pixels
-        self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
+        self.images = ImageReader(settings)
         self._batchers: dict[tuple[str, int, str], QueryBatcher[list[StoredHit]]] = {}
         self._models: dict[str, CollectionModel] = {}  # a collection's model never changes
         self._report_sizes()
@@ -74,15 +75,6 @@ class LibraryAPI:
             limit = self.settings.max_inputs_per_request
             raise APIError(400, f"at most {limit} items per request", code="too_many_inputs", param=param)
 
-    def _read(self, value: str, param: str) -> EncodedImage:
-        return read_image(
-            value,
-            param=param,
-            max_bytes=self.settings.max_image_bytes,
-            max_pixels=self.settings.max_image_pixels,
-            bomb_check=self.bomb_check,
-        )
-
     async def _count(self, collection: str) -> int:
         count = await self._store(self.store.count, collection)
         metrics.LIBRARY_INDEX_SIZE.labels(collection).set(count)
@@ -91,7 +83,7 @@ class LibraryAPI:
     async def add(self, collection: str, request: AddRequest) -> AddResponse:
         start = time.perf_counter()
         self._check_count(len(request.images), "images")
-        images = [self._read(item.image, f"images[{i}].image") for i, item in enumerate(request.images)]
+        images = [self.images.read(item.image, f"images[{i}].image") for i, item in enumerate(request.images)]
         # Without an id, the image's content is its id: adding the same bytes twice keeps one copy.
         ids = [item.id or image.sha256 for item, image in zip(request.images, images, strict=True)]
         card = await self.embedder.card()
@@ -137,14 +129,11 @@ class LibraryAPI:
         card = await self.embedder.card()
         model.check_same(collection, CollectionModel.of(card))  # a text of another model would match noise
         if request.text is not None:
-            text = request.text
-            if not text.strip() or len(text) > self.settings.max_text_chars:
-                message = f"text must be 1 to {self.settings.max_text_chars} characters, not blank"
-                raise APIError(400, message, code="invalid_value", param="text")
-            vectors, _ = await self.embedder.embed_texts([text], card)
+            check_text(request.text, "text", self.settings.max_text_chars)
+            vectors, _ = await self.embedder.embed_texts([request.text], card)
             return "text", vectors[0]
         assert request.image is not None  # SearchRequest allows exactly one of the three
-        image = self._read(request.image, "image")
+        image = self.images.read(request.image, "image")
         with self.pixels.admit(image.pixels, param="image"):
             vectors = await self.embedder.embed_images([image], ["image"], card)
         return "image", vectors[0]

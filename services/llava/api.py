@@ -26,9 +26,8 @@ from services.common import metrics
 from services.common.errors import APIError, check_model, error_response
 from services.common.image_fetch import ImageFetcher
 from services.common.image_validation import (
-    BombCheck,
     EncodedImage,
-    check_image_bytes,
+    ImageReader,
     decode_base64,
     is_data_url,
     verified_data_url,
@@ -69,7 +68,7 @@ def _engine_error(status: int, body: bytes) -> Response:
 class LlavaAPI:
     def __init__(self, settings: Settings, model_id: str, service_url: str | None, pixels: PixelBudget) -> None:
         self.settings, self.model_id, self.pixels = settings, model_id, pixels
-        self.bomb_check = BombCheck(settings.max_image_pixels_per_byte, settings.image_ratio_check_min_pixels)
+        self.images = ImageReader(settings)
         self.fetcher = ImageFetcher(settings)
         self._client = dependency_client(service_url, settings.request_timeout_seconds)
         self._probe = ServiceProbe("LLaVA", service_url)
@@ -168,9 +167,7 @@ class LlavaAPI:
             data = await self.fetcher.fetch(url)
         else:
             raise APIError(400, "image_url must be a data: URL or an http(s) URL", code="invalid_image", param=param)
-        return check_image_bytes(
-            data, param=param, max_pixels=self.settings.max_image_pixels, bomb_check=self.bomb_check
-        )
+        return self.images.check_bytes(data, param)
 
     async def _verify_images(self, body: dict, images: list[EncodedImage]) -> None:
         """Decode each image once (so vLLM never receives one that fails) and put it into ``body`` as a
