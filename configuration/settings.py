@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         description="Most 30-second windows (one per chunk of a recording) admitted at once per entry-service "
         "worker, waiting or decoding; past it a transcription gets 429. Requests take turns, one window each.",
     )
+    whisper_long_audio: Literal["parallel", "sequential"] = Field(
+        "parallel",
+        description="Recordings over 30 s: `parallel` cuts them at pauses and decodes the chunks at once; "
+        "`sequential` runs openai-whisper's `transcribe` over the whole file (its text exactly, one window at "
+        "a time). A request's `long_audio` form field overrides it.",
+    )
     whisper_temperature_fallback: bool = Field(
         False,
         description="At temperature 0, retry a window at rising temperatures when its text looks failed "

@@ -79,6 +79,7 @@ from services.whisper.chunking import plan_chunks, stitch
 from services.whisper.protocol import (
     AudioUsage,
     Granularity,
+    LongAudioMode,
     ResponseFormat,
     TranscribeResponse,
     TranscriptionResponse,
@@ -170,6 +171,7 @@ class WhisperAPI:
         prompt: str | None,
         temperature: float,
         words: bool,
+        long_audio: LongAudioMode = "parallel",
     ) -> Transcript:
         card = await self.card()
         loop = asyncio.get_running_loop()
@@ -188,7 +190,8 @@ class WhisperAPI:
             fp16=False,  # the mels made here are fp32; the Whisper service picks its own precision
             verbose=None,
         )
-        chunks = plan_chunks(audio.samples)
+        # Sequential: one chunk, the whole file, through transcribe's own seeking (its text exactly).
+        chunks = plan_chunks(audio.samples) if long_audio == "parallel" else [(0, len(audio.samples))]
 
         def run(function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
             return loop.run_in_executor(self._pool, partial(function, *args))
@@ -227,12 +230,26 @@ class WhisperAPI:
         return max(probabilities, key=probabilities.get)
 
     async def _run(
-        self, file: UploadFile, *, task: Task, language: str | None, prompt: str | None, temperature: float, words: bool
+        self,
+        file: UploadFile,
+        *,
+        task: Task,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        words: bool,
+        long_audio: LongAudioMode,
     ) -> Transcript:
         started = time.perf_counter()
         audio = await self._decode(file)
         transcript = await self.transcribe(
-            audio, task=task, language=language, prompt=prompt, temperature=temperature, words=words
+            audio,
+            task=task,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            words=words,
+            long_audio=long_audio,
         )
         metrics.WHISPER_AUDIO_SECONDS.labels(task).inc(audio.duration)
         metrics.WHISPER_REAL_TIME_FACTOR.labels(task).observe((time.perf_counter() - started) / audio.duration)
@@ -251,6 +268,7 @@ class WhisperAPI:
         response_format: ResponseFormat,
         temperature: float,
         granularities: list[Granularity] | None,
+        long_audio: LongAudioMode | None = None,
     ) -> Response:
         """``/v1/audio/transcriptions`` and ``/v1/audio/translations``, as OpenAI's API answers them."""
         await self._check_model(model)
@@ -260,7 +278,13 @@ class WhisperAPI:
         wanted = set(granularities or ["segment"])
         language = await self._language(language)
         transcript = await self._run(
-            file, task=task, language=language, prompt=prompt, temperature=temperature, words="word" in wanted
+            file,
+            task=task,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            words="word" in wanted,
+            long_audio=long_audio or self.settings.whisper_long_audio,
         )
         usage = AudioUsage(seconds=math.ceil(transcript.duration)) if task == "transcribe" else None
         if response_format == "json":
@@ -287,6 +311,12 @@ class WhisperAPI:
     async def transcribe_upload(self, file: UploadFile, language: str | None) -> TranscribeResponse:
         """``/transcribe``: the original design's upload -> ``{text, language}``."""
         transcript = await self._run(
-            file, task="transcribe", language=await self._language(language), prompt=None, temperature=0.0, words=False
+            file,
+            task="transcribe",
+            language=await self._language(language),
+            prompt=None,
+            temperature=0.0,
+            words=False,
+            long_audio=self.settings.whisper_long_audio,
         )
         return TranscribeResponse(text=transcript.text, language=transcript.language)

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 # Whisper's form fields (multipart, so they are parameters rather than a body model)
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularity = Literal["segment", "word"]
+# How a recording longer than one window is transcribed (README, "Whisper"): cut at pauses into
+# chunks decoded at once, or openai-whisper's own seeking through the whole file, window after window.
+LongAudioMode = Literal["parallel", "sequential"]
 
 
 # OpenAI-compatible transcriptions and translations, and the native /transcribe

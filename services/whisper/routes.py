@@ -17,6 +17,7 @@ from services.common.errors import APIError, error_responses
 from services.common.routing import served_family
 from services.whisper.protocol import (
     Granularity,
+    LongAudioMode,
     ResponseFormat,
     TranscribeResponse,
     TranscriptionResponse,
@@ -39,6 +40,11 @@ AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
 AUDIO_FILE = "The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac."
 
 router = APIRouter(tags=["whisper"])
+LONG_AUDIO = (
+    "Not OpenAI's: how a recording over 30 s is transcribed. `parallel` (the server's default unless "
+    "MULTIMODAL_WHISPER_LONG_AUDIO says otherwise) cuts it at pauses and decodes the chunks at once; "
+    "`sequential` is openai-whisper's `transcribe` over the whole file."
+)
 
 
 def _whisper() -> WhisperAPI:
@@ -54,6 +60,7 @@ async def audio_transcriptions(
     response_format: Annotated[ResponseFormat, Form()] = "json",
     temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
     timestamp_granularities: Annotated[list[Granularity] | None, Form(alias="timestamp_granularities[]")] = None,
+    long_audio: Annotated[LongAudioMode | None, Form(description=LONG_AUDIO)] = None,
 ) -> Response:
     """OpenAI-compatible speech to text (Whisper), in the language spoken."""
     return await _whisper().openai(
@@ -65,6 +72,7 @@ async def audio_transcriptions(
         response_format=response_format,
         temperature=temperature,
         granularities=timestamp_granularities,
+        long_audio=long_audio,
     )
 
 
@@ -75,6 +83,7 @@ async def audio_translations(
     prompt: Annotated[str | None, Form()] = None,
     response_format: Annotated[ResponseFormat, Form()] = "json",
     temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
+    long_audio: Annotated[LongAudioMode | None, Form(description=LONG_AUDIO)] = None,
 ) -> Response:
     """OpenAI-compatible speech to English text (Whisper's translate task)."""
     return await _whisper().openai(
@@ -86,6 +95,7 @@ async def audio_translations(
         response_format=response_format,
         temperature=temperature,
         granularities=None,  # OpenAI's translations take no timestamp_granularities[]
+        long_audio=long_audio,
     )
 
 

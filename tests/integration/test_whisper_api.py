@@ -315,6 +315,37 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
     print(f"\n3-minute recording: {elapsed:.1f} s, {windows:.0f} windows in {passes:.0f} batched passes")
 
 
+def test_sequential_long_audio_equals_transcribe_on_the_whole_recording(server, speech, reference):
+    """long_audio=sequential: transcribe's own seeking over the whole file, so its text and
+    segments are those of one transcribe() call on the same weights, not of the chunked plan."""
+    import whisper
+
+    path = speech["long"]
+    expected = reference(whisper.load_audio(str(path)))
+    fields = {"model": "whisper-1", "response_format": "verbose_json", "long_audio": "sequential"}
+    response = post_audio(server, "/v1/audio/transcriptions", path.read_bytes(), "long.wav", **fields)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["text"] == expected["text"].strip()
+    got = [(s["start"], s["end"], s["text"]) for s in result["segments"]]
+    want = [(s["start"], s["end"], s["text"]) for s in expected["segments"]]
+    assert len(got) == len(want)
+    for (start, end, text), (start_want, end_want, text_want) in zip(got, want, strict=True):
+        assert (
+            text == text_want
+            and start == pytest.approx(start_want, abs=1e-3)
+            and end == pytest.approx(end_want, abs=1e-3)
+        )
+
+
+def test_an_unknown_long_audio_mode_is_a_400(server, speech):
+    data = speech["short"].read_bytes()
+    response = post_audio(server, "/v1/audio/transcriptions", data, "short.wav", model="whisper-1", long_audio="fast")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_value"
+    assert response.json()["error"]["param"] == "long_audio"
+
+
 # Bad audio and bad requests: a 4xx in the one error shape, never a 500
 
 
