@@ -59,6 +59,7 @@ class ClipAPI:
             raise APIError(400, f"at most {limit} inputs per request", code="too_many_inputs", param=param)
 
     def _check_texts(self, texts: list[str], param: str) -> None:
+        self._check_count(len(texts), param)
         for i, text in enumerate(texts):
             check_text(text, f"{param}[{i}]", self.settings.max_text_chars)
 

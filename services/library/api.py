@@ -34,9 +34,9 @@ from services.library.protocol import (
     IdsRequest,
     Item,
     ItemPage,
+    LibrarySearchRequest,
+    LibrarySearchResponse,
     LookupResponse,
-    SearchRequest,
-    SearchResponse,
 )
 from services.library.store import CollectionModel, Filter, LibraryStore, StoredHit
 
@@ -103,7 +103,7 @@ class LibraryAPI:
         metrics.LIBRARY_ADD_DURATION.observe(time.perf_counter() - start)
         return AddResponse(collection=collection, ids=ids, count=await self._count(collection))
 
-    async def search(self, collection: str, request: SearchRequest) -> SearchResponse:
+    async def search(self, collection: str, request: LibrarySearchRequest) -> LibrarySearchResponse:
         start = time.perf_counter()
         if request.top_k > self.settings.library_max_top_k:
             limit = self.settings.library_max_top_k
@@ -114,9 +114,11 @@ class LibraryAPI:
         hits = await self._batcher(collection, request.top_k, where)(query)
         metrics.LIBRARY_SEARCH_DURATION.labels(by).observe(time.perf_counter() - start)
         data = [Hit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits]
-        return SearchResponse(collection=collection, data=data)
+        return LibrarySearchResponse(collection=collection, data=data)
 
-    async def _query(self, collection: str, model: CollectionModel, request: SearchRequest) -> tuple[str, np.ndarray]:
+    async def _query(
+        self, collection: str, model: CollectionModel, request: LibrarySearchRequest
+    ) -> tuple[str, np.ndarray]:
         if request.vector is not None:
             vector = np.asarray(request.vector, dtype=np.float32)
             if len(vector) != model.dimensions:
@@ -132,7 +134,7 @@ class LibraryAPI:
             check_text(request.text, "text", self.settings.max_text_chars)
             vectors, _ = await self.embedder.embed_texts([request.text], card)
             return "text", vectors[0]
-        assert request.image is not None  # SearchRequest allows exactly one of the three
+        assert request.image is not None  # LibrarySearchRequest allows exactly one of the three
         image = self.images.read(request.image, "image")
         with self.pixels.admit(image.pixels, param="image"):
             vectors = await self.embedder.embed_images([image], ["image"], card)

@@ -59,10 +59,12 @@ class AddResponse(BaseModel):
     count: int = Field(description="Images in the collection after this add.")
 
 
-class SearchRequest(StrictRequest):
+class LibrarySearchRequest(StrictRequest):
     text: str | None = Field(None, description="Find images that match this text.")
     image: str | None = Field(None, description="Find images like this one (base64 or a data: URL).")
-    vector: list[float] | None = Field(None, description="Find images near this embedding (normalised here).")
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        None, description="Find images near this embedding (normalised here)."
+    )
     top_k: int = Field(10, ge=1, description="How many results (at most MULTIMODAL_LIBRARY_MAX_TOP_K).")
     filter: dict[str, Scalar] | None = Field(
         None, description='Metadata equality: every key must equal its value (`{"album": "2024"}`).'
@@ -78,7 +80,7 @@ class SearchRequest(StrictRequest):
         return value
 
     @model_validator(mode="after")
-    def _one_query(self) -> SearchRequest:
+    def _one_query(self) -> LibrarySearchRequest:
         given = [name for name in ("text", "image", "vector") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of text, image or vector")
@@ -91,7 +93,7 @@ class Hit(BaseModel):
     metadata: Metadata
 
 
-class SearchResponse(BaseModel):
+class LibrarySearchResponse(BaseModel):
     collection: str
     data: list[Hit] = Field(description="Best first.")
 

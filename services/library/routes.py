@@ -26,9 +26,9 @@ from services.library.protocol import (
     DeleteResponse,
     IdsRequest,
     ItemPage,
+    LibrarySearchRequest,
+    LibrarySearchResponse,
     LookupResponse,
-    SearchRequest,
-    SearchResponse,
 )
 
 if TYPE_CHECKING:
@@ -100,6 +100,6 @@ async def lookup(collection: CollectionName, request: IdsRequest) -> LookupRespo
 
 
 @router.post("/{collection}/search", responses=WITH_MODEL)
-async def search(collection: CollectionName, request: SearchRequest) -> SearchResponse:
+async def search(collection: CollectionName, request: LibrarySearchRequest) -> LibrarySearchResponse:
     """The ``top_k`` images nearest a text, an image or a vector, optionally among those whose metadata match."""
     return await _library().search(collection, request)

@@ -57,6 +57,7 @@ BENTOFILES = {
     "all": "bentofile.yaml",
     "clip": "bentos/clip/bentofile.yaml",
     "llava-gpu": "bentos/llava/bentofile.gpu.yaml",
+    "whisper": "bentos/whisper/bentofile.yaml",
 }
 
 
@@ -184,6 +185,7 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
         "clip/protocol.py",
         "clip/service.py",
         "common/__init__.py",
+        "common/continuous_batching.py",
         "common/device.py",
         "common/metrics.py",
         "common/model_service.py",
@@ -195,7 +197,12 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
 
 # services.clip.service imports services.clip.encoder when its model loads: all must come from the bento.
 @pytest.mark.parametrize(
-    "key, module", [("clip", "services.clip.service, services.clip.encoder"), ("llava-gpu", "services.llava.service")]
+    "key, module",
+    [
+        ("clip", "services.clip.service, services.clip.encoder"),
+        ("llava-gpu", "services.llava.service"),
+        ("whisper", "services.whisper.service"),
+    ],
 )
 def test_model_bento_imports_from_its_own_files(bentos: dict[str, Built], key: str, module: str) -> None:
     """A hand-picked include list is complete: the service imports from the bento's src alone."""

@@ -47,6 +47,7 @@ class Case:
     files: dict[str, bytes] | None = None  # multipart upload
     form: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
+    path: str | None = None  # the URL, where ``route`` (the document's path) has parameters
 
 
 def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
@@ -143,6 +144,13 @@ def audio(route: str, data: bytes, status: int, code: str | None, **form: str) -
     defaults = {} if route == "/transcribe" else {"model": "whisper-1"}
     field_name = "audio" if route == "/transcribe" else "file"
     return Case(route, status, code, files={field_name: data}, form={**defaults, **form})
+
+
+LIB = "/v1/library"
+
+
+def library_add(**item: Any) -> dict:
+    return {"images": [{"image": IMAGE, **item}]}
 
 
 CASES: dict[str, Case] = {
@@ -359,6 +367,103 @@ CASES: dict[str, Case] = {
     "transcribe jpeg": audio("/transcribe", JPEG_HEAD, 415, "unsupported_media_type"),
     "transcribe no upload": Case("/transcribe", 400, "missing_file", form={"language": "en"}),
     "transcribe unknown language": audio("/transcribe", WAV, 400, "invalid_language", language="zz"),
+    # The image library (collections are created by their first add: none exists here)
+    "library POST the list": Case("/v1/library", 405, "method_not_allowed", json={}),
+    "library unknown collection": Case(
+        "/v1/library/{collection}", 404, "collection_not_found", method="GET", path=f"{LIB}/nope"
+    ),
+    "library collection name with a dash": Case(
+        "/v1/library/{collection}", 400, "invalid_value", method="GET", path=f"{LIB}/bad-name"
+    ),
+    "library add no images": Case(
+        "/v1/library/{collection}/images", 400, "invalid_value", json={"images": []}, path=f"{LIB}/c/images"
+    ),
+    "library add malformed json": Case(
+        "/v1/library/{collection}/images", 400, "invalid_json", raw=b"{", path=f"{LIB}/c/images"
+    ),
+    "library add invalid base64": Case(
+        "/v1/library/{collection}/images",
+        400,
+        "invalid_base64",
+        json=library_add(image="not*base64!"),
+        path=f"{LIB}/c/images",
+    ),
+    "library add truncated jpeg": Case(
+        "/v1/library/{collection}/images",
+        400,
+        "invalid_image",
+        json=library_add(image=b64(JPEG_HEAD)),
+        path=f"{LIB}/c/images",
+    ),
+    "library add palette bomb": Case(
+        "/v1/library/{collection}/images",
+        413,
+        "image_too_large",
+        json=library_add(image=b64(BOMB_400MP)),
+        path=f"{LIB}/c/images",
+    ),
+    "library add nested metadata": Case(
+        "/v1/library/{collection}/images",
+        400,
+        "invalid_value",
+        json=library_add(metadata={"a": {"b": 1}}),
+        path=f"{LIB}/c/images",
+    ),
+    "library add metadata key with a space": Case(
+        "/v1/library/{collection}/images",
+        400,
+        "invalid_value",
+        json=library_add(metadata={"a b": 1}),
+        path=f"{LIB}/c/images",
+    ),
+    "library add lone surrogate id": Case(
+        "/v1/library/{collection}/images", 400, "invalid_value", json=library_add(id="x\ud800"), path=f"{LIB}/c/images"
+    ),
+    "library list limit over the cap": Case(
+        "/v1/library/{collection}/images", 400, "invalid_value", method="GET", path=f"{LIB}/c/images?limit=100000"
+    ),
+    "library list limit zero": Case(
+        "/v1/library/{collection}/images", 400, "invalid_value", method="GET", path=f"{LIB}/c/images?limit=0"
+    ),
+    "library delete one, unknown collection": Case(
+        "/v1/library/{collection}/images/{item_id}",
+        404,
+        "collection_not_found",
+        method="DELETE",
+        path=f"{LIB}/nope/images/x",
+    ),
+    "library delete no ids": Case(
+        "/v1/library/{collection}/delete", 400, "invalid_value", json={"ids": []}, path=f"{LIB}/c/delete"
+    ),
+    "library delete ids a string": Case(
+        "/v1/library/{collection}/delete", 400, "invalid_value", json={"ids": "x"}, path=f"{LIB}/c/delete"
+    ),
+    "library lookup ids are numbers": Case(
+        "/v1/library/{collection}/lookup", 400, "invalid_value", json={"ids": [1]}, path=f"{LIB}/c/lookup"
+    ),
+    "library search text and vector": Case(
+        "/v1/library/{collection}/search",
+        400,
+        "invalid_value",
+        json={"text": "a", "vector": [0.1]},
+        path=f"{LIB}/c/search",
+    ),
+    "library search nothing to search by": Case(
+        "/v1/library/{collection}/search", 400, "invalid_value", json={}, path=f"{LIB}/c/search"
+    ),
+    "library search top_k zero": Case(
+        "/v1/library/{collection}/search", 400, "invalid_value", json={"text": "a", "top_k": 0}, path=f"{LIB}/c/search"
+    ),
+    "library search NaN vector": Case(
+        "/v1/library/{collection}/search", 400, "invalid_value", raw=b'{"vector": [NaN, 1.0]}', path=f"{LIB}/c/search"
+    ),
+    "library search unknown collection": Case(
+        "/v1/library/{collection}/search",
+        404,
+        "collection_not_found",
+        json={"text": "a cat"},
+        path=f"{LIB}/nope/search",
+    ),
     # Every family
     "models POST": Case("/v1/models", 405, "method_not_allowed", json={}),
     "health POST": Case("/health", 405, "method_not_allowed", json={}),
@@ -369,9 +474,9 @@ KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def send(server, case: Case) -> httpx.Response:
-    url = f"{server.url}{case.route}"
-    if case.method == "GET":
-        return httpx.get(url, timeout=TIMEOUT)
+    url = f"{server.url}{case.path or case.route}"
+    if case.method in ("GET", "DELETE"):
+        return httpx.request(case.method, url, timeout=TIMEOUT)
     if case.files is not None or (case.form and case.json is None and case.raw is None):
         files = {name: ("upload.bin", data) for name, data in (case.files or {}).items()}
         return httpx.post(url, data=case.form, files=files or None, timeout=TIMEOUT)

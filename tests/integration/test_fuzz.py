@@ -66,9 +66,18 @@ OPERATIONS = [
     ("GET", "/v1/models"),
     ("GET", "/health"),
     ("GET", "/ready"),
+    ("GET", "/v1/library"),
+    ("GET", "/v1/library/{collection}"),
+    ("POST", "/v1/library/{collection}/images"),
+    ("GET", "/v1/library/{collection}/images"),
+    ("DELETE", "/v1/library/{collection}/images/{item_id}"),
+    ("POST", "/v1/library/{collection}/delete"),
+    ("POST", "/v1/library/{collection}/lookup"),
+    ("POST", "/v1/library/{collection}/search"),
 ]
 
-# Valid and invalid requests for each operation; the GET routes take no input to make invalid.
+# Valid and invalid requests for each operation; the GET and DELETE routes' only inputs are path and
+# query parameters, whose invalid values test_bad_inputs.py sends.
 FUZZ_RUNS = [
     (method, path, mode)
     for method, path in OPERATIONS
@@ -125,6 +134,10 @@ def _realistic(case: Any) -> None:
     for field in ("file", "audio"):
         if field in body:
             body[field] = WAV
+    images = body.get("images") if case.path.startswith("/v1/library/") else None
+    for item in images if isinstance(images, list) else []:
+        if isinstance(item, dict) and "image" in item:
+            item["image"] = IMAGE
     for message in body.get("messages") or []:
         for part in message.get("content") if isinstance(message.get("content"), list) else []:
             if part.get("type") == "image_url":
