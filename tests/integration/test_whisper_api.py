@@ -317,7 +317,9 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
 
 def test_sequential_long_audio_equals_transcribe_on_the_whole_recording(server, speech, reference):
     """long_audio=sequential: transcribe's own seeking over the whole file, so its text and
-    segments are those of one transcribe() call on the same weights, not of the chunked plan."""
+    segments are those of one transcribe() call on the same weights, not of the chunked plan.
+    The one difference is the product's: times are clamped to the audio's duration (transcribe's
+    last timestamp can fall in the padding past the end)."""
     import whisper
 
     path = speech["long"]
@@ -326,16 +328,14 @@ def test_sequential_long_audio_equals_transcribe_on_the_whole_recording(server, 
     response = post_audio(server, "/v1/audio/transcriptions", path.read_bytes(), "long.wav", **fields)
     assert response.status_code == 200, response.text
     result = response.json()
+    duration = result["duration"]
     assert result["text"] == expected["text"].strip()
     got = [(s["start"], s["end"], s["text"]) for s in result["segments"]]
-    want = [(s["start"], s["end"], s["text"]) for s in expected["segments"]]
-    assert len(got) == len(want)
+    want = [(min(s["start"], duration), min(s["end"], duration), s["text"]) for s in expected["segments"]]
+    assert len(got) == len(want) > 6  # more than one window's worth: transcribe sought through the file
     for (start, end, text), (start_want, end_want, text_want) in zip(got, want, strict=True):
-        assert (
-            text == text_want
-            and start == pytest.approx(start_want, abs=1e-3)
-            and end == pytest.approx(end_want, abs=1e-3)
-        )
+        assert text == text_want
+        assert start == pytest.approx(start_want, abs=1e-3) and end == pytest.approx(end_want, abs=1e-3)
 
 
 def test_an_unknown_long_audio_mode_is_a_400(server, speech):
