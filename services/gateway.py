@@ -17,9 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Annotated, Any, Literal
 
 import bentoml
+
+# Model services listen on loopback TCP, not on Unix sockets: on SIGTERM `bentoml serve` deletes its
+# Unix sockets' folder at once, before any process has drained, so a request in flight that needs
+# a new connection to a model service (a transcription's next window) failed with 503. TCP
+# sockets stay open until every process has stopped (services/common/shutdown_grace.py).
+# Read by `bentoml serve` when it creates the sockets, after importing this module.
+os.environ.setdefault("BENTOML_NO_UDS", "1")
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.routing import APIRoute
 from starlette.responses import Response

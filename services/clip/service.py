@@ -30,6 +30,7 @@ from services.common import metrics
 from services.common.continuous_batching import ContinuousBatcher
 from services.common.device import torch_device
 from services.common.model_service import model_service
+from services.common.shutdown_grace import keep_serving_while_callers_drain
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -52,6 +53,7 @@ class CLIP:
         # worker for 64-text requests on a 16-core GPU host, bench/RESULTS.md run 10), cores the
         # entry service's HTTP work needs. One thread, unless the deployment says otherwise.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        keep_serving_while_callers_drain()  # a /search's calls span a SIGTERM: services/common/shutdown_grace.py
         device = torch_device()
         path = Path(self.model_ref.path)
         options = EncoderOptions(

@@ -40,6 +40,7 @@ from configuration.settings import get_settings
 from services.common import metrics
 from services.common.device import torch_device
 from services.common.model_service import batched_api, model_service
+from services.common.shutdown_grace import keep_serving_while_callers_drain
 from services.whisper.alignment_heads import set_stored_alignment_heads
 from services.whisper.decoding import MixedLanguageTask
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
@@ -57,6 +58,7 @@ class Whisper:
     model_ref = bentoml.models.BentoModel(model_spec("whisper").tag)
 
     def __init__(self) -> None:
+        keep_serving_while_callers_drain()  # a transcription's windows span a SIGTERM: common/shutdown_grace.py
         self.device = torch_device()
         self.model = whisper.load_model(str(Path(self.model_ref.path) / CHECKPOINT), device=self.device).eval()
         # load_model sets the published alignment heads only for a model name, not a file:

@@ -190,6 +190,7 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
         "common/metrics.py",
         "common/model_service.py",
         "common/schemas.py",
+        "common/shutdown_grace.py",
     ]
     assert vllm_requirements(bento.requirements) == [] and bento.setup_scripts() == []
     check_image(bento)
