@@ -6,7 +6,7 @@
 ``store`` (a benchmark, not a test): synthetic unit vectors of 768 dimensions (ViT-L/14's),
 generated here in seeded chunks, added to each store in batches (vectors/s), then searched at 1,
 16 and 64 concurrent clients for a fixed time (p50, p99, queries/s), each client a coroutine
-going through the product's own ``QueryBatcher`` (concurrent searches merged into one store call,
+going through the product's own ``Coalescer`` (concurrent searches merged into one store call,
 as the entry service does). Queries are stored vectors with noise added, normalised. Recall@10
 of each store against exact float32 search over the same vectors (numpy, in chunks).
 
@@ -37,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.load import run_level
-from services.library.batching import QueryBatcher
+from services.common.coalescing import Coalescer
+from services.library.api import QUERIES_PER_SEARCH
 from services.library.store import CollectionModel, LibraryStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,17 +120,17 @@ async def _level(store: LibraryStore, queries: np.ndarray, clients: int, duratio
     latencies: list[float] = []
     batch_sizes: list[int] = []  # how many queries each store call carried
 
-    def search(q: np.ndarray) -> Any:
+    async def search(q: list[np.ndarray]) -> list[Any]:
         batch_sizes.append(len(q))
-        return store.search(COLLECTION, q, 10, None)
+        return await asyncio.to_thread(store.search, COLLECTION, np.stack(q), 10, None)
 
-    batcher: QueryBatcher[Any] = QueryBatcher(search)
+    batcher: Coalescer[np.ndarray, Any] = Coalescer(search, max_items=QUERIES_PER_SEARCH, max_in_flight=1)
     start = time.perf_counter()
     measure_from, stop = start + warmup, start + warmup + duration
 
     async def client(i: int) -> None:
         while (sent := time.perf_counter()) < stop:
-            await batcher(queries[i % len(queries)])
+            await batcher.each([queries[i % len(queries)]])
             if sent >= measure_from:
                 latencies.append(time.perf_counter() - sent)
             i += clients

@@ -6,6 +6,9 @@ service's single event loop would handle thousands of calls a second. A coalesce
 items of concurrent requests in this worker into one call; the model service's batcher then
 merges the calls of every worker into batches.
 
+The image library uses the same for exact searches (``services.library.api``): concurrent queries
+of one collection share one matrix product.
+
 No timer is involved: while fewer than ``max_in_flight`` calls are out, items go at once, so a
 lone request waits for nothing; under load, items queue while calls are out and the next call
 takes all of them (up to ``max_items``).
@@ -14,26 +17,31 @@ takes all of them (up to ``max_items``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 
 Item = TypeVar("Item")
+Row = TypeVar("Row")
 
 
-class Coalescer(Generic[Item]):
+class Coalescer(Generic[Item, Row]):
     def __init__(
-        self, send: Callable[[list[Item]], Awaitable[np.ndarray]], max_items: int, max_in_flight: int = 2
+        self, send: Callable[[list[Item]], Awaitable[Sequence[Row]]], max_items: int, max_in_flight: int = 2
     ) -> None:
         self._send, self._max_items, self._max_in_flight = send, max_items, max_in_flight
-        self._waiting: list[tuple[Item, asyncio.Future[np.ndarray]]] = []
+        self._waiting: list[tuple[Item, asyncio.Future[Row]]] = []
         self._in_flight = 0
 
     async def __call__(self, items: list[Item]) -> np.ndarray:
-        """One result row per item, in order."""
+        """One result row per item, in order, stacked (the rows are arrays)."""
+        return np.stack(cast("list[np.ndarray]", await self.each(items)))
+
+    async def each(self, items: list[Item]) -> list[Row]:
+        """One result per item, in order."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
+        futures: list[asyncio.Future[Row]] = [loop.create_future() for _ in items]
         self._waiting.extend(zip(items, futures, strict=True))
         self._dispatch()
         try:
@@ -43,12 +51,12 @@ class Coalescer(Generic[Item]):
             cancelled = set(map(id, futures))
             self._waiting = [(item, future) for item, future in self._waiting if id(future) not in cancelled]
             raise
-        answered: list[np.ndarray] = []
+        answered: list[Row] = []
         for row in rows:
             if isinstance(row, BaseException):
                 raise row
             answered.append(row)
-        return np.stack(answered)
+        return answered
 
     def _dispatch(self) -> None:
         while self._waiting and self._in_flight < self._max_in_flight:
@@ -56,11 +64,11 @@ class Coalescer(Generic[Item]):
             self._in_flight += 1
             asyncio.get_running_loop().create_task(self._call(taken))
 
-    async def _call(self, taken: list[tuple[Item, asyncio.Future[np.ndarray]]]) -> None:
+    async def _call(self, taken: list[tuple[Item, asyncio.Future[Any]]]) -> None:
         try:
             rows = await self._send([item for item, _ in taken])
             if len(rows) != len(taken):  # never leave a waiter without an answer
-                raise RuntimeError(f"the model service answered {len(rows)} rows for {len(taken)} items")
+                raise RuntimeError(f"the callee answered {len(rows)} rows for {len(taken)} items")
         except BaseException as exc:  # every waiter gets the failure; cancellation included
             for _, future in taken:
                 if not future.done():
