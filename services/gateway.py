@@ -21,13 +21,6 @@ import os
 from typing import Annotated, Any, Literal
 
 import bentoml
-
-# Model services listen on loopback TCP, not on Unix sockets: on SIGTERM `bentoml serve` deletes its
-# Unix sockets' folder at once, before any process has drained, so a request in flight that needs
-# a new connection to a model service (a transcription's next window) failed with 503. TCP
-# sockets stay open until every process has stopped (services/common/shutdown_grace.py).
-# Read by `bentoml serve` when it creates the sockets, after importing this module.
-os.environ.setdefault("BENTOML_NO_UDS", "1")
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.routing import APIRoute
 from starlette.responses import Response
@@ -55,6 +48,13 @@ from services.llava import routes as llava_routes
 from services.whisper import routes as whisper_routes
 
 log = logging.getLogger(__name__)
+
+# Model services listen on loopback TCP, not on Unix sockets: on SIGTERM `bentoml serve` deletes its
+# Unix sockets' folder at once, before any process has drained, so a request in flight that needs
+# a new connection to a model service (a transcription's next window) failed with 503. TCP
+# sockets stay open until every process has stopped (services/common/shutdown_grace.py).
+# Read by `bentoml serve` when it creates the sockets, after importing this module.
+os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
 # Families are asked at once, each within this: one hung service cannot hold the probe past a kubelet's timeout.
 READY_TIMEOUT_SECONDS = 5.0
