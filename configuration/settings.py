@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     gateway_workers: int = Field(
         1, ge=1, description="Entry-service worker processes; more spread HTTP, JSON and base64 work over cores."
     )
+    own_listening_sockets: bool = Field(
+        True,
+        description="Each worker of a service listens on a socket of its own (SO_REUSEPORT, Linux), so that "
+        "connections spread evenly over workers; off: workers share one, as in BentoML, and take connections unevenly.",
+    )
     max_concurrent_requests: int = Field(
         100,
         ge=1,

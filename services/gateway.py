@@ -41,6 +41,7 @@ from services.common.errors import (
 )
 from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from services.common.model_service import as_service
+from services.common.own_listening_socket import listen_on_own_socket_if_worker
 from services.common.pixel_budget import PixelBudget
 from services.common.schemas import HealthResponse, ModelList, ModelObject, NotReadyResponse, ReadyResponse
 from services.library import routes as library_routes
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 # Read by `bentoml serve` when it creates the sockets, after importing this module.
 os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
+if settings.own_listening_sockets:  # connections spread evenly over workers: common/own_listening_socket.py
+    listen_on_own_socket_if_worker()
 # Families are asked at once, each within this: one hung service cannot hold the probe past a kubelet's timeout.
 READY_TIMEOUT_SECONDS = 5.0
 if "clip" in settings.families:
