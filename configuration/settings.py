@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         description="On a GPU, run CLIP's encoders as CUDA graphs captured per batch size at start-up "
         "(one launch per batch instead of hundreds).",
     )
+    clip_cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads of torch's CPU pool in each CLIP worker; unset: 1 on a GPU (the model runs there, "
+        "and small CPU ops woke a pool of one spinning thread per core), torch's default on a CPU.",
+    )
     whisper_max_batch_size: int = Field(16, ge=1, description="Most 30-second windows in one Whisper decode batch.")
     whisper_max_latency_ms: int = Field(
         60_000, ge=10, description="Latency budget of a Whisper batch; past it BentoML sheds load with 503."

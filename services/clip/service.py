@@ -40,12 +40,25 @@ settings = get_settings()
 PREPROCESSING_CODE_VERSION = "2"
 
 
+def torch_cpu_threads(device_type: str, configured: int | None) -> int | None:
+    """Threads for torch's CPU pool in a CLIP worker; None keeps torch's default (one per core).
+
+    On a GPU the CPU runs only small tensor ops (token counts, joining rows), yet a few passed
+    torch's parallel threshold and woke its pool: 16 threads per worker on a 16-core host, which
+    spun 6 cores per CLIP worker for 64-text requests (bench/RESULTS.md, runs 12-13)."""
+    if configured is not None:
+        return configured
+    return 1 if device_type == "cuda" else None
+
+
 @model_service("CLIP", workers=settings.clip_workers)
 class CLIP:
     model_ref = bentoml.models.BentoModel(model_spec("clip").tag)
 
     def __init__(self) -> None:
         # torch and transformers: only in this service's process
+        import torch
+
         from services.clip.encoder import ClipEncoder, EncoderOptions
 
         # Tokenising a batch of short texts takes a millisecond or two on one thread; spread over
@@ -55,6 +68,8 @@ class CLIP:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         keep_serving_while_callers_drain()  # a /search's calls span a SIGTERM: services/common/shutdown_grace.py
         device = torch_device()
+        if (threads := torch_cpu_threads(device.type, settings.clip_cpu_threads)) is not None:
+            torch.set_num_threads(threads)
         path = Path(self.model_ref.path)
         options = EncoderOptions(
             preprocessing=settings.clip_preprocessing,
