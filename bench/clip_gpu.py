@@ -548,8 +548,24 @@ class CpuByRole:
         self.started = time.perf_counter()
         self.before = {role: self._seconds(processes) for role, processes in self.roles.items()}
         self._before_each = {p.pid: self._seconds([p]) for processes in self.roles.values() for p in processes}
+        self._clip_threads_before = self._threads(self.roles["clip"][:1])
         self.machine_before = psutil.cpu_times()
         return self
+
+    @staticmethod
+    def _threads(processes: list) -> dict[tuple[int, str], float]:
+        """CPU seconds of each thread of these processes, by (id, name): which threads burn a
+        worker's cores (Python's, or native ones such as an OpenMP pool or a CUDA wait spinning)."""
+        import psutil
+
+        seconds: dict[tuple[int, str], float] = {}
+        for process in processes:
+            with contextlib.suppress(psutil.Error, OSError):
+                for thread in process.threads():
+                    comm = Path(f"/proc/{process.pid}/task/{thread.id}/comm")
+                    name = comm.read_text().strip() if comm.exists() else "?"
+                    seconds[(thread.id, name)] = thread.user_time + thread.system_time
+        return seconds
 
     def __exit__(self, *exc) -> None:
         import psutil
@@ -569,6 +585,13 @@ class CpuByRole:
         self.cores["processes"] = {role: len(processes) for role, processes in self.roles.items()}
         # Each worker's own cores: an uneven spread means some workers' connections wait on a
         # saturated event loop while others idle (workers share one listening socket).
+        # The first CLIP worker's busiest threads (native ids; Python's thread names are not the OS's).
+        after = self._threads(self.roles["clip"][:1])
+        busy = sorted(
+            ((after[key] - self._clip_threads_before.get(key, 0.0)) / wall, f"{key[1]}:{key[0]}") for key in after
+        )
+        self.cores["clip_threads"] = {name: round(cores, 2) for cores, name in reversed(busy[-8:]) if cores >= 0.02}
+        self.cores["clip_thread_count"] = len(after)
         self.cores["per_worker"] = {
             role: sorted(round((self._seconds([p]) - self._before_each[p.pid]) / wall, 2) for p in processes)
             for role, processes in self.roles.items()
@@ -646,13 +669,12 @@ def measure(
     )
     if result.errors:
         log(f"  answers other than 200: {result.errors}")
-    roles = ", ".join(
-        f"{role} {value:.1f}" for role, value in cpu.cores.items() if role not in ("processes", "per_worker")
-    )
+    roles = ", ".join(f"{role} {value:.1f}" for role, value in cpu.cores.items() if isinstance(value, float))
     log(
         f"  cores: {roles} (processes {cpu.cores['processes']}); items per call {row['items_per_call']:.1f}; "
         f"per worker {cpu.cores['per_worker']}"
     )
+    log(f"  first CLIP worker's busiest of {cpu.cores['clip_thread_count']} threads: {cpu.cores['clip_threads']}")
     return row
 
 

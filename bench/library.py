@@ -332,6 +332,37 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_served_runs(runs: dict[str, dict], path: Path, scenario: str = "text") -> None:
+    """Served runs side by side (one configuration each, measured in one device run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, results in runs.items():
+        levels = [lv for lv in results["levels"] if lv["scenario"] == scenario]
+        clients = [lv["concurrency"] for lv in levels]
+        (line,) = left.plot(clients, [lv["per_second"] for lv in levels], marker="o", label=label)
+        right.plot(clients, [lv["p50_ms"] for lv in levels], marker="o", color=line.get_color(), label=f"{label} p50")
+        right.plot(
+            clients, [lv["p99_ms"] for lv in levels], marker="^", linestyle="--", color=line.get_color(),
+            label=f"{label} p99",
+        )  # fmt: skip
+    right.axhline(100, color="grey", linewidth=0.8, linestyle=":")  # the p99 target
+    for axis, label in ((left, "queries / s"), (right, "latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    machine = next(iter(runs.values()))["machine"]
+    fig.suptitle(f"Image library, {scenario} search through HTTP, on {machine}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def machine() -> str:
     try:
         import torch
@@ -345,7 +376,8 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["store", "served"])
+    parser.add_argument("mode", choices=["store", "served", "plot"], help="plot: served JSON files side by side")
+    parser.add_argument("inputs", nargs="*", type=Path, help="plot: LABEL=FILE.json of served runs")
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--stores", nargs="+", default=["embedded", "milvus"], choices=["embedded", "milvus"])
     parser.add_argument("--milvus-vectors", type=int, default=None, help="fewer vectors for Milvus Lite")
@@ -365,6 +397,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "plot":
+        pairs = (str(item).split("=", 1) for item in args.inputs)
+        runs = {label: json.loads(Path(file).read_text()) for label, file in pairs}
+        plot_served_runs(runs, args.out / f"{args.name or 'library_served_runs'}.png")
+        return
     results: dict[str, Any] = {
         "mode": args.mode,
         "machine": machine(),

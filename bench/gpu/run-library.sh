@@ -7,15 +7,25 @@
 # Build the wheels here first (bench/gpu/wheelhouse.sh: nothing beyond what the CLIP run carries),
 # then, with the device tool:
 #   run(command="bash bench/gpu/run-library.sh", carry=[".whl"], timeout_s=600)
-# STEPS="store" or STEPS="served" runs one part; extra arguments go to both. Results land in $OUT.
+# STEPS="store" or STEPS="served" runs one part; extra arguments go to both. SOCKETS="own shared" serves
+# twice, with each worker's own listening socket and with BentoML's shared one. Results land in $OUT.
 set -euo pipefail
 source "$(dirname "$0")/device-setup.sh"  # wheels installed, $out, gpu.txt
 for step in ${STEPS:-store served}; do
   case $step in
     store) python3 -m bench.library store --stores embedded --search-device cuda --vectors 1000000 --duration 10 --warmup 3 \
              --out "$out" --name library_store_h200 "$@" 2>&1 | tee "$out/library_store.log" ;;
-    served) python3 -m bench.library served --search-device cuda --vectors 1000000 --gateway-workers 8 --clip-workers 2 --client-processes 6 \
-             --duration 8 --warmup 4 --out "$out" --name library_served_h200 "$@" 2>&1 | tee "$out/library_served.log" ;;
+    served)
+      for sockets in ${SOCKETS:-own}; do  # SOCKETS="own shared": also with BentoML's one shared listening socket
+        MULTIMODAL_OWN_LISTENING_SOCKETS=$([ "$sockets" = own ] && echo true || echo false) \
+          python3 -m bench.library served --search-device cuda --vectors 1000000 --gateway-workers 8 --clip-workers 2 \
+            --client-processes 6 --duration 8 --warmup 4 --out "$out" --name "library_served_h200_$sockets" "$@" 2>&1 \
+          | tee "$out/library_served_$sockets.log"
+      done
+      if [ "${SOCKETS:-own}" = "own shared" ]; then
+        python3 -m bench.library plot "own socket per worker=$out/library_served_h200_own.json" \
+          "one shared socket (BentoML)=$out/library_served_h200_shared.json" --out "$out" --name library_served_h200_sockets
+      fi ;;
   esac
 done
 # What the servers logged about errors, and any traceback.
