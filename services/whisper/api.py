@@ -11,10 +11,12 @@ request's windows into one batched forward pass. So
 for audio up to 30 s the answer *is* ``model.transcribe(audio, temperature=0,
 condition_on_previous_text=False)`` on the same weights, only decoded in company.
 
-Previous-text conditioning is off: with it, each window's prompt is the text before it, so
-windows in flight differ in their ``DecodingOptions`` and cannot share a batch (and it is
-what makes Whisper loop on its own output). Temperature fallback is off unless
-``MULTIMODAL_WHISPER_TEMPERATURE_FALLBACK`` is set, so that answers are deterministic.
+Previous-text conditioning is off unless the caller asks for it (``condition_on_previous_text``):
+with it, each window's prompt is the text before it, so windows in flight differ in their
+``DecodingOptions`` and cannot share a batch (and it is what makes Whisper loop on its own
+output). With ``long_audio=sequential``, the request then runs ``transcribe`` as conditioned as its default.
+Temperature fallback is off unless ``MULTIMODAL_WHISPER_TEMPERATURE_FALLBACK`` is set, so that
+answers are deterministic.
 
 Long recordings: cut at quiet points, then stitched (``services.whisper.chunking``)
 -----------------------------------------------------------------------------
@@ -31,7 +33,8 @@ fragile with Whisper's segment-level timestamps. Stitching shifts each chunk's s
 words by the chunk's start and concatenates texts. What this gives up against sequential
 seeking: a cut in continuous speech with no pause can split a word; no context crosses a
 cut (nor would it with conditioning off); segments end at cuts; and language detection
-looks at the first 30 s once for the whole recording, as ``transcribe`` does.
+looks at the first 30 s once for the whole recording, as ``transcribe`` does, and the prompt
+goes to the first chunk only, as ``transcribe`` gives it to its first window only.
 
 Fair turns and a bounded queue (``services.whisper.window_scheduler``)
 --------------------------------------------------------------
@@ -172,6 +175,7 @@ class WhisperAPI:
         temperature: float,
         words: bool,
         long_audio: LongAudioMode = "parallel",
+        condition_on_previous_text: bool = False,
     ) -> Transcript:
         card = await self.card()
         loop = asyncio.get_running_loop()
@@ -184,8 +188,7 @@ class WhisperAPI:
             task=task,
             language=language,
             temperature=FALLBACK_TEMPERATURES if fallback else temperature,
-            condition_on_previous_text=False,
-            initial_prompt=prompt or None,
+            condition_on_previous_text=condition_on_previous_text,
             word_timestamps=words,
             fp16=False,  # the mels made here are fp32; the Whisper service picks its own precision
             verbose=None,
@@ -203,7 +206,14 @@ class WhisperAPI:
             if len(chunks) > 1 and language is None and card.multilingual:
                 options["language"] = await run(self._detect_language, model, audio.samples)
             transcribe = partial(whisper.transcribe, model, **options)
-            results = await asyncio.gather(*(run(transcribe, audio.samples[a:b]) for a, b in chunks))
+            # With conditioning off, transcribe prompts its first window only; so here, the first chunk.
+            prompts = [prompt or None] + [None] * (len(chunks) - 1)
+            results = await asyncio.gather(
+                *(
+                    run(partial(transcribe, initial_prompt=chunk_prompt), audio.samples[a:b])
+                    for (a, b), chunk_prompt in zip(chunks, prompts, strict=True)
+                )
+            )
         return Transcript(
             text="".join(result["text"] for result in results).strip(),
             language=results[0]["language"],
@@ -239,6 +249,7 @@ class WhisperAPI:
         temperature: float,
         words: bool,
         long_audio: LongAudioMode,
+        condition_on_previous_text: bool = False,
     ) -> Transcript:
         started = time.perf_counter()
         audio = await self._decode(file)
@@ -250,6 +261,7 @@ class WhisperAPI:
             temperature=temperature,
             words=words,
             long_audio=long_audio,
+            condition_on_previous_text=condition_on_previous_text,
         )
         metrics.WHISPER_AUDIO_SECONDS.labels(task).inc(audio.duration)
         metrics.WHISPER_REAL_TIME_FACTOR.labels(task).observe((time.perf_counter() - started) / audio.duration)
@@ -269,6 +281,7 @@ class WhisperAPI:
         temperature: float,
         granularities: list[Granularity] | None,
         long_audio: LongAudioMode | None = None,
+        condition_on_previous_text: bool = False,
     ) -> Response:
         """``/v1/audio/transcriptions`` and ``/v1/audio/translations``, as OpenAI's API answers them."""
         await self._check_model(model)
@@ -285,6 +298,7 @@ class WhisperAPI:
             temperature=temperature,
             words="word" in wanted,
             long_audio=long_audio or self.settings.whisper_long_audio,
+            condition_on_previous_text=condition_on_previous_text,
         )
         usage = AudioUsage(seconds=math.ceil(transcript.duration)) if task == "transcribe" else None
         if response_format == "json":

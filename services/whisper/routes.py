@@ -40,6 +40,11 @@ AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
 AUDIO_FILE = "The audio: wav, flac, mp3, ogg, m4a/mp4, webm, aac."
 
 router = APIRouter(tags=["whisper"])
+CONDITION = (
+    "Not OpenAI's: openai-whisper's `condition_on_previous_text`: each 30-second window is prompted with "
+    "the text before it. Off by default: conditioned windows decode apart from other requests' (slower) "
+    "and can make Whisper repeat itself."
+)
 LONG_AUDIO = (
     "Not OpenAI's: how a recording over 30 s is transcribed. `parallel` (the server's default unless "
     "MULTIMODAL_WHISPER_LONG_AUDIO says otherwise) cuts it at pauses and decodes the chunks at once; "
@@ -61,6 +66,7 @@ async def audio_transcriptions(
     temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
     timestamp_granularities: Annotated[list[Granularity] | None, Form(alias="timestamp_granularities[]")] = None,
     long_audio: Annotated[LongAudioMode | None, Form(description=LONG_AUDIO)] = None,
+    condition_on_previous_text: Annotated[bool, Form(description=CONDITION)] = False,
 ) -> Response:
     """OpenAI-compatible speech to text (Whisper), in the language spoken."""
     return await _whisper().openai(
@@ -73,6 +79,7 @@ async def audio_transcriptions(
         temperature=temperature,
         granularities=timestamp_granularities,
         long_audio=long_audio,
+        condition_on_previous_text=condition_on_previous_text,
     )
 
 
@@ -84,6 +91,7 @@ async def audio_translations(
     response_format: Annotated[ResponseFormat, Form()] = "json",
     temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
     long_audio: Annotated[LongAudioMode | None, Form(description=LONG_AUDIO)] = None,
+    condition_on_previous_text: Annotated[bool, Form(description=CONDITION)] = False,
 ) -> Response:
     """OpenAI-compatible speech to English text (Whisper's translate task)."""
     return await _whisper().openai(
@@ -96,6 +104,7 @@ async def audio_translations(
         temperature=temperature,
         granularities=None,  # OpenAI's translations take no timestamp_granularities[]
         long_audio=long_audio,
+        condition_on_previous_text=condition_on_previous_text,
     )
 
 

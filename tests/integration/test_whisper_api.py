@@ -315,6 +315,31 @@ def test_three_minute_recording_is_covered_end_to_end(client, server, speech, re
     print(f"\n3-minute recording: {elapsed:.1f} s, {windows:.0f} windows in {passes:.0f} batched passes")
 
 
+def test_a_prompt_reaches_only_the_first_chunk_of_a_long_recording(server, speech, reference):
+    """transcribe (conditioning off) prompts its first window only, so the parallel mode prompts
+    its first chunk only: the text is the first chunk's transcribe with the prompt, then the
+    other chunks' without it."""
+    import whisper
+
+    from services.whisper.chunking import plan_chunks
+
+    path, prompt = speech["long"], "Minutes of the harbour committee."
+    samples = whisper.load_audio(str(path))
+    chunks = plan_chunks(samples)
+    language = "en"  # given, so that the expected text needs no language detection
+    texts = [
+        reference(samples[a:b], language=language, initial_prompt=prompt if i == 0 else None)["text"]
+        for i, (a, b) in enumerate(chunks)
+    ]
+    fields = {"model": "whisper-1", "language": language, "prompt": prompt, "long_audio": "parallel"}
+    response = post_audio(server, "/v1/audio/transcriptions", path.read_bytes(), "long.wav", **fields)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == "".join(texts).strip()
+    # On these weights a prompt changes a chunk's text, so a prompt at every chunk would differ.
+    a, b = chunks[1]
+    assert reference(samples[a:b], language=language, initial_prompt=prompt)["text"] != texts[1]
+
+
 def test_sequential_long_audio_equals_transcribe_on_the_whole_recording(server, speech, reference):
     """long_audio=sequential: transcribe's own seeking over the whole file, so its text and
     segments are those of one transcribe() call on the same weights, not of the chunked plan.
@@ -336,6 +361,23 @@ def test_sequential_long_audio_equals_transcribe_on_the_whole_recording(server, 
     for (start, end, text), (start_want, end_want, text_want) in zip(got, want, strict=True):
         assert text == text_want
         assert start == pytest.approx(start_want, abs=1e-3) and end == pytest.approx(end_want, abs=1e-3)
+
+
+def test_sequential_long_audio_conditioned_on_previous_text_equals_transcribe(server, speech, reference):
+    """With condition_on_previous_text, each window is prompted with the text before it, as in
+    transcribe's default: the service's text is that of one such transcribe() call."""
+    import whisper
+
+    path = speech["long"]
+    samples = whisper.load_audio(str(path))
+    options = {"temperature": 0, "fp16": False, "language": "en"}
+    expected = reference.model.transcribe(samples, condition_on_previous_text=True, **options)["text"].strip()
+    unconditioned = reference.model.transcribe(samples, condition_on_previous_text=False, **options)["text"].strip()
+    assert expected != unconditioned  # on these weights the conditioning shows in the text
+    fields = {"model": "whisper-1", "language": "en", "long_audio": "sequential", "condition_on_previous_text": "true"}
+    response = post_audio(server, "/v1/audio/transcriptions", path.read_bytes(), "long.wav", **fields)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == expected
 
 
 def test_an_unknown_long_audio_mode_is_a_400(server, speech):
