@@ -301,6 +301,17 @@ def data_url(jpeg: bytes) -> str:
 # Output
 
 
+def _style_axes(throughput: Any, latency: Any) -> None:
+    """Both plots' axes: throughput and latency against clients, log-scaled."""
+    for axis, label in ((throughput, "queries / s"), (latency, "latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -320,13 +331,7 @@ def plot(results: dict, path: Path) -> None:
         left.plot(clients, [lv[key] for lv in levels], marker="o", label=names[name])
         right.plot(clients, [lv["p50_ms"] for lv in levels], marker="o", label=f"{name} p50")
         right.plot(clients, [lv["p99_ms"] for lv in levels], marker="^", linestyle="--", label=f"{name} p99")
-    for axis, label in ((left, "queries / s"), (right, "latency (ms)")):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("concurrent clients")
-        axis.set_ylabel(label)
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
+    _style_axes(left, right)
     fig.suptitle(f"Image library, {results['mode']}, on {results['machine']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -350,13 +355,7 @@ def plot_served_runs(runs: dict[str, dict], path: Path, scenario: str = "text") 
             label=f"{label} p99",
         )  # fmt: skip
     right.axhline(100, color="grey", linewidth=0.8, linestyle=":")  # the p99 target
-    for axis, label in ((left, "queries / s"), (right, "latency (ms)")):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("concurrent clients")
-        axis.set_ylabel(label)
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
+    _style_axes(left, right)
     machine = next(iter(runs.values()))["machine"]
     fig.suptitle(f"Image library, {scenario} search through HTTP, on {machine}")
     fig.tight_layout()
