@@ -189,6 +189,7 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
         "common/device.py",
         "common/metrics.py",
         "common/model_service.py",
+        "common/own_listening_socket.py",
         "common/schemas.py",
         "common/shutdown_grace.py",
     ]
