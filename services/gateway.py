@@ -41,7 +41,7 @@ from services.common.errors import (
 )
 from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from services.common.model_service import as_service
-from services.common.own_listening_socket import listen_on_own_socket_if_worker
+from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.pixel_budget import PixelBudget
 from services.common.schemas import HealthResponse, ModelList, ModelObject, NotReadyResponse, ReadyResponse
 from services.library import routes as library_routes
@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 # Read by `bentoml serve` when it creates the sockets, after importing this module.
 os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
-if settings.own_listening_sockets:  # connections spread evenly over workers: common/own_listening_socket.py
-    listen_on_own_socket_if_worker()
 # Families are asked at once, each within this: one hung service cannot hold the probe past a kubelet's timeout.
 READY_TIMEOUT_SECONDS = 5.0
 if "clip" in settings.families:
@@ -120,6 +118,7 @@ class Gateway:
             self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, as_service(LLaVA).url, pixels)
         if "whisper" in settings.families:
             self.families["whisper"] = WhisperAPI(self.whisper, settings, as_service(Whisper).url)
+        listen_on_own_socket_when_ready()  # connections spread evenly over workers: common/own_listening_socket.py
 
     def family(self, name: str) -> Any:
         """The route logic of a served family (``services.common.routing.served_family``); 404 for another."""

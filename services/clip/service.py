@@ -30,6 +30,7 @@ from services.common import metrics
 from services.common.continuous_batching import ContinuousBatcher
 from services.common.device import torch_device
 from services.common.model_service import model_service
+from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class CLIP:
             settings.clip_preprocessing,
             "on" if self.encoder.graphs else "off",
         )
+        listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _preprocessing_version(self, path: Path, mode: str) -> str:
         config = b"".join(p.read_bytes() for p in sorted(path.glob("*processor_config.json")))

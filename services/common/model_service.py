@@ -9,7 +9,6 @@ import bentoml
 
 from configuration.settings import get_settings
 from services.common.device import gpu_resources
-from services.common.own_listening_socket import listen_on_own_socket_if_worker
 
 T = TypeVar("T")
 
@@ -28,10 +27,7 @@ def as_service(cls: type[T]) -> bentoml.Service[T]:
 
 def model_service(name: str, **options: Any) -> Callable[[type[T]], bentoml.Service[T]]:
     """``@bentoml.service`` for a model service: the request timeout, a GPU when the device is
-    ``cuda``, one client session for its callers; ``options`` adds the service's own. Under
-    ``bentoml serve``, the worker listens on a socket of its own (services/common/own_listening_socket.py)."""
-    if get_settings().own_listening_sockets:
-        listen_on_own_socket_if_worker()
+    ``cuda``, one client session for its callers; ``options`` adds the service's own."""
     return bentoml.service(
         name=name,
         traffic={"timeout": get_settings().request_timeout_seconds},

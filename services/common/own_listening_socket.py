@@ -13,11 +13,14 @@ The shared socket was bound without ``SO_REUSEPORT``, so no other socket may bin
 it listens. A worker therefore shuts it down first: that stops it listening for every process
 holding it, while it keeps its address (bound with ``SO_REUSEADDR``, which lets listening
 sockets bind beside a bound socket that does not listen). The worker then binds its own socket
-and puts it on the file descriptor that BentoML's worker script hands to uvicorn (``dup2``); it
-must run before that script starts serving, which importing the service module does.
+and puts it on the file descriptor that BentoML's worker script hands to uvicorn (``dup2``).
 
-What a shared socket does and this does not: connections waiting in a worker's own queue when
-that worker dies are reset rather than taken by another worker (circus starts a new one).
+When: at the end of the service's ``__init__``. BentoML runs it in the worker once uvicorn has
+started and before uvicorn accepts on the descriptor, so a worker still loading its model (at
+start, or respawned after a crash) is given no connection until it is ready: the kernel hashes
+new connections only over sockets that listen. What a shared socket does and this does not:
+connections waiting in a worker's own queue when that worker dies are reset rather than taken by
+another worker (circus starts a new one).
 """
 
 from __future__ import annotations
@@ -91,11 +94,18 @@ def listen_on_own_socket(fd: int) -> bool:
 
 
 def listen_on_own_socket_if_worker() -> bool:
-    """Where this process is a ``bentoml serve`` HTTP worker, listen on a socket of its own (once:
-    every service module of a worker may ask)."""
+    """Where this process is a ``bentoml serve`` HTTP worker, listen on a socket of its own (once)."""
     fd = inherited_listening_fd()
     if fd is None:
         return False
     if fd not in _replaced and listen_on_own_socket(fd):
         _replaced.add(fd)
     return fd in _replaced
+
+
+def listen_on_own_socket_when_ready() -> bool:
+    """Call at the end of a service's ``__init__``: this worker, now ready, listens on a socket of
+    its own, unless ``MULTIMODAL_OWN_LISTENING_SOCKETS`` is off."""
+    from configuration.settings import get_settings
+
+    return get_settings().own_listening_sockets and listen_on_own_socket_if_worker()

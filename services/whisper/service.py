@@ -40,6 +40,7 @@ from configuration.settings import get_settings
 from services.common import metrics
 from services.common.device import torch_device
 from services.common.model_service import batched_api, model_service
+from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
 from services.whisper.alignment_heads import set_stored_alignment_heads
 from services.whisper.decoding import MixedLanguageTask
@@ -90,6 +91,7 @@ class Whisper:
             num_languages=self.model.num_languages,
         )
         log.info("Whisper %s on %s (%s)", self.model_ref.tag, self.device, self.dtype)
+        listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _mels(self, mels: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(mels)).to(self.device, self.dtype)
