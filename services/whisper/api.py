@@ -100,6 +100,19 @@ FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's d
 MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """What a caller asks of a transcription, beside the audio (the routes' form fields, checked)."""
+
+    task: Task
+    language: str | None  # ISO 639-1 code; None: detected
+    prompt: str | None
+    temperature: float
+    words: bool  # word timestamps
+    long_audio: LongAudioMode
+    condition_on_previous_text: bool = False
+
+
 @dataclass
 class Transcript:
     text: str
@@ -165,36 +178,26 @@ class WhisperAPI:
 
     # Transcription
 
-    async def transcribe(
-        self,
-        audio: DecodedAudio,
-        *,
-        task: Task,
-        language: str | None,
-        prompt: str | None,
-        temperature: float,
-        words: bool,
-        long_audio: LongAudioMode = "parallel",
-        condition_on_previous_text: bool = False,
-    ) -> Transcript:
+    async def transcribe(self, audio: DecodedAudio, request: TranscriptionRequest) -> Transcript:
         card = await self.card()
         loop = asyncio.get_running_loop()
         # Sampling divides the logits by the temperature: one as small as 1e-309 is 0.0 in float32 and
         # made every logit infinite (a 500, found by fuzzing). Below this it is greedy decoding anyway.
+        temperature = request.temperature
         if temperature < MIN_SAMPLING_TEMPERATURE:
             temperature = 0.0
         fallback = self.settings.whisper_temperature_fallback and temperature == 0
         options: dict[str, Any] = dict(
-            task=task,
-            language=language,
+            task=request.task,
+            language=request.language,
             temperature=FALLBACK_TEMPERATURES if fallback else temperature,
-            condition_on_previous_text=condition_on_previous_text,
-            word_timestamps=words,
+            condition_on_previous_text=request.condition_on_previous_text,
+            word_timestamps=request.words,
             fp16=False,  # the mels made here are fp32; the Whisper service picks its own precision
             verbose=None,
         )
         # Sequential: one chunk, the whole file, through transcribe's own seeking (its text exactly).
-        chunks = plan_chunks(audio.samples) if long_audio == "parallel" else [(0, len(audio.samples))]
+        chunks = plan_chunks(audio.samples) if request.long_audio == "parallel" else [(0, len(audio.samples))]
 
         def run(function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
             return loop.run_in_executor(self._pool, partial(function, *args))
@@ -203,11 +206,11 @@ class WhisperAPI:
         # waiting windows, and its chunks still running stop at their next window.
         with self._admit(len(chunks)) as ticket:
             model = RemoteWhisper(card, self._client, ticket, loop)
-            if len(chunks) > 1 and language is None and card.multilingual:
+            if len(chunks) > 1 and request.language is None and card.multilingual:
                 options["language"] = await run(self._detect_language, model, audio.samples)
             transcribe = partial(whisper.transcribe, model, **options)
             # With conditioning off, transcribe prompts its first window only; so here, the first chunk.
-            prompts = [prompt or None] + [None] * (len(chunks) - 1)
+            prompts = [request.prompt or None] + [None] * (len(chunks) - 1)
             results = await asyncio.gather(
                 *(
                     run(partial(transcribe, initial_prompt=chunk_prompt), audio.samples[a:b])
@@ -239,32 +242,12 @@ class WhisperAPI:
         _, probabilities = model.detect_language(mel)
         return max(probabilities, key=probabilities.get)
 
-    async def _run(
-        self,
-        file: UploadFile,
-        *,
-        task: Task,
-        language: str | None,
-        prompt: str | None,
-        temperature: float,
-        words: bool,
-        long_audio: LongAudioMode,
-        condition_on_previous_text: bool = False,
-    ) -> Transcript:
+    async def _run(self, file: UploadFile, request: TranscriptionRequest) -> Transcript:
         started = time.perf_counter()
         audio = await self._decode(file)
-        transcript = await self.transcribe(
-            audio,
-            task=task,
-            language=language,
-            prompt=prompt,
-            temperature=temperature,
-            words=words,
-            long_audio=long_audio,
-            condition_on_previous_text=condition_on_previous_text,
-        )
-        metrics.WHISPER_AUDIO_SECONDS.labels(task).inc(audio.duration)
-        metrics.WHISPER_REAL_TIME_FACTOR.labels(task).observe((time.perf_counter() - started) / audio.duration)
+        transcript = await self.transcribe(audio, request)
+        metrics.WHISPER_AUDIO_SECONDS.labels(request.task).inc(audio.duration)
+        metrics.WHISPER_REAL_TIME_FACTOR.labels(request.task).observe((time.perf_counter() - started) / audio.duration)
         return transcript
 
     # Routes
@@ -289,17 +272,16 @@ class WhisperAPI:
             message = "timestamp_granularities[] needs response_format=verbose_json"
             raise APIError(400, message, code="invalid_value", param="timestamp_granularities[]")
         wanted = set(granularities or ["segment"])
-        language = await self._language(language)
-        transcript = await self._run(
-            file,
+        request = TranscriptionRequest(
             task=task,
-            language=language,
+            language=await self._language(language),
             prompt=prompt,
             temperature=temperature,
             words="word" in wanted,
             long_audio=long_audio or self.settings.whisper_long_audio,
             condition_on_previous_text=condition_on_previous_text,
         )
+        transcript = await self._run(file, request)
         usage = AudioUsage(seconds=math.ceil(transcript.duration)) if task == "transcribe" else None
         if response_format == "json":
             return JSONResponse(TranscriptionResponse(text=transcript.text, usage=usage).model_dump(exclude_none=True))
@@ -324,8 +306,7 @@ class WhisperAPI:
 
     async def transcribe_upload(self, file: UploadFile, language: str | None) -> TranscribeResponse:
         """``/transcribe``: the original design's upload -> ``{text, language}``."""
-        transcript = await self._run(
-            file,
+        request = TranscriptionRequest(
             task="transcribe",
             language=await self._language(language),
             prompt=None,
@@ -333,4 +314,5 @@ class WhisperAPI:
             words=False,
             long_audio=self.settings.whisper_long_audio,
         )
+        transcript = await self._run(file, request)
         return TranscribeResponse(text=transcript.text, language=transcript.language)
