@@ -33,8 +33,6 @@ import sys
 
 log = logging.getLogger(__name__)
 
-_replaced: set[int] = set()  # descriptors already on a socket of this process's own
-
 # The module that `bentoml serve` runs for each HTTP worker, with `--fd N`: the shared socket.
 BENTOML_WORKER_MODULE = "_bentoml_impl.worker.service"
 
@@ -93,19 +91,13 @@ def listen_on_own_socket(fd: int) -> bool:
     return True
 
 
-def listen_on_own_socket_if_worker() -> bool:
-    """Where this process is a ``bentoml serve`` HTTP worker, listen on a socket of its own (once)."""
-    fd = inherited_listening_fd()
-    if fd is None:
-        return False
-    if fd not in _replaced and listen_on_own_socket(fd):
-        _replaced.add(fd)
-    return fd in _replaced
-
-
 def listen_on_own_socket_when_ready() -> bool:
-    """Call at the end of a service's ``__init__``: this worker, now ready, listens on a socket of
-    its own, unless ``MULTIMODAL_OWN_LISTENING_SOCKETS`` is off."""
+    """Call at the end of a service's ``__init__`` (once per worker: BentoML makes one service
+    instance in each): where this process is a ``bentoml serve`` HTTP worker, it listens on a
+    socket of its own from now on, unless ``MULTIMODAL_OWN_LISTENING_SOCKETS`` is off."""
     from configuration.settings import get_settings
 
-    return get_settings().own_listening_sockets and listen_on_own_socket_if_worker()
+    if not get_settings().own_listening_sockets:
+        return False
+    fd = inherited_listening_fd()
+    return fd is not None and listen_on_own_socket(fd)
