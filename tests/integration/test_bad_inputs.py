@@ -149,6 +149,13 @@ def audio(route: str, data: bytes, status: int, code: str | None, **form: str) -
 LIB = "/v1/library"
 
 
+def library(
+    tail: str, status: int, code: str | None, *, collection: str = "c", query: str = "", **request: Any
+) -> Case:
+    """A case on ``/v1/library/{collection}<tail>``, sent to the collection ``collection``."""
+    return Case(f"{LIB}/{{collection}}{tail}", status, code, path=f"{LIB}/{collection}{tail}{query}", **request)
+
+
 def library_add(**item: Any) -> dict:
     return {"images": [{"image": IMAGE, **item}]}
 
@@ -369,62 +376,20 @@ CASES: dict[str, Case] = {
     "transcribe unknown language": audio("/transcribe", WAV, 400, "invalid_language", language="zz"),
     # The image library (collections are created by their first add: none exists here)
     "library POST the list": Case("/v1/library", 405, "method_not_allowed", json={}),
-    "library unknown collection": Case(
-        "/v1/library/{collection}", 404, "collection_not_found", method="GET", path=f"{LIB}/nope"
+    "library unknown collection": library("", 404, "collection_not_found", collection="nope", method="GET"),
+    "library collection name with a dash": library("", 400, "invalid_value", collection="bad-name", method="GET"),
+    "library add no images": library("/images", 400, "invalid_value", json={"images": []}),
+    "library add malformed json": library("/images", 400, "invalid_json", raw=b"{"),
+    "library add invalid base64": library("/images", 400, "invalid_base64", json=library_add(image="not*base64!")),
+    "library add truncated jpeg": library("/images", 400, "invalid_image", json=library_add(image=b64(JPEG_HEAD))),
+    "library add palette bomb": library("/images", 413, "image_too_large", json=library_add(image=b64(BOMB_400MP))),
+    "library add nested metadata": library("/images", 400, "invalid_value", json=library_add(metadata={"a": {"b": 1}})),
+    "library add metadata key with a space": library(
+        "/images", 400, "invalid_value", json=library_add(metadata={"a b": 1})
     ),
-    "library collection name with a dash": Case(
-        "/v1/library/{collection}", 400, "invalid_value", method="GET", path=f"{LIB}/bad-name"
-    ),
-    "library add no images": Case(
-        "/v1/library/{collection}/images", 400, "invalid_value", json={"images": []}, path=f"{LIB}/c/images"
-    ),
-    "library add malformed json": Case(
-        "/v1/library/{collection}/images", 400, "invalid_json", raw=b"{", path=f"{LIB}/c/images"
-    ),
-    "library add invalid base64": Case(
-        "/v1/library/{collection}/images",
-        400,
-        "invalid_base64",
-        json=library_add(image="not*base64!"),
-        path=f"{LIB}/c/images",
-    ),
-    "library add truncated jpeg": Case(
-        "/v1/library/{collection}/images",
-        400,
-        "invalid_image",
-        json=library_add(image=b64(JPEG_HEAD)),
-        path=f"{LIB}/c/images",
-    ),
-    "library add palette bomb": Case(
-        "/v1/library/{collection}/images",
-        413,
-        "image_too_large",
-        json=library_add(image=b64(BOMB_400MP)),
-        path=f"{LIB}/c/images",
-    ),
-    "library add nested metadata": Case(
-        "/v1/library/{collection}/images",
-        400,
-        "invalid_value",
-        json=library_add(metadata={"a": {"b": 1}}),
-        path=f"{LIB}/c/images",
-    ),
-    "library add metadata key with a space": Case(
-        "/v1/library/{collection}/images",
-        400,
-        "invalid_value",
-        json=library_add(metadata={"a b": 1}),
-        path=f"{LIB}/c/images",
-    ),
-    "library add lone surrogate id": Case(
-        "/v1/library/{collection}/images", 400, "invalid_value", json=library_add(id="x\ud800"), path=f"{LIB}/c/images"
-    ),
-    "library list limit over the cap": Case(
-        "/v1/library/{collection}/images", 400, "invalid_value", method="GET", path=f"{LIB}/c/images?limit=100000"
-    ),
-    "library list limit zero": Case(
-        "/v1/library/{collection}/images", 400, "invalid_value", method="GET", path=f"{LIB}/c/images?limit=0"
-    ),
+    "library add lone surrogate id": library("/images", 400, "invalid_value", json=library_add(id="x\ud800")),
+    "library list limit over the cap": library("/images", 400, "invalid_value", method="GET", query="?limit=100000"),
+    "library list limit zero": library("/images", 400, "invalid_value", method="GET", query="?limit=0"),
     "library delete one, unknown collection": Case(
         "/v1/library/{collection}/images/{item_id}",
         404,
@@ -432,37 +397,15 @@ CASES: dict[str, Case] = {
         method="DELETE",
         path=f"{LIB}/nope/images/x",
     ),
-    "library delete no ids": Case(
-        "/v1/library/{collection}/delete", 400, "invalid_value", json={"ids": []}, path=f"{LIB}/c/delete"
-    ),
-    "library delete ids a string": Case(
-        "/v1/library/{collection}/delete", 400, "invalid_value", json={"ids": "x"}, path=f"{LIB}/c/delete"
-    ),
-    "library lookup ids are numbers": Case(
-        "/v1/library/{collection}/lookup", 400, "invalid_value", json={"ids": [1]}, path=f"{LIB}/c/lookup"
-    ),
-    "library search text and vector": Case(
-        "/v1/library/{collection}/search",
-        400,
-        "invalid_value",
-        json={"text": "a", "vector": [0.1]},
-        path=f"{LIB}/c/search",
-    ),
-    "library search nothing to search by": Case(
-        "/v1/library/{collection}/search", 400, "invalid_value", json={}, path=f"{LIB}/c/search"
-    ),
-    "library search top_k zero": Case(
-        "/v1/library/{collection}/search", 400, "invalid_value", json={"text": "a", "top_k": 0}, path=f"{LIB}/c/search"
-    ),
-    "library search NaN vector": Case(
-        "/v1/library/{collection}/search", 400, "invalid_value", raw=b'{"vector": [NaN, 1.0]}', path=f"{LIB}/c/search"
-    ),
-    "library search unknown collection": Case(
-        "/v1/library/{collection}/search",
-        404,
-        "collection_not_found",
-        json={"text": "a cat"},
-        path=f"{LIB}/nope/search",
+    "library delete no ids": library("/delete", 400, "invalid_value", json={"ids": []}),
+    "library delete ids a string": library("/delete", 400, "invalid_value", json={"ids": "x"}),
+    "library lookup ids are numbers": library("/lookup", 400, "invalid_value", json={"ids": [1]}),
+    "library search text and vector": library("/search", 400, "invalid_value", json={"text": "a", "vector": [0.1]}),
+    "library search nothing to search by": library("/search", 400, "invalid_value", json={}),
+    "library search top_k zero": library("/search", 400, "invalid_value", json={"text": "a", "top_k": 0}),
+    "library search NaN vector": library("/search", 400, "invalid_value", raw=b'{"vector": [NaN, 1.0]}'),
+    "library search unknown collection": library(
+        "/search", 404, "collection_not_found", collection="nope", json={"text": "a cat"}
     ),
     # Every family
     "models POST": Case("/v1/models", 405, "method_not_allowed", json={}),
