@@ -72,20 +72,20 @@ def recording(minutes: float, index: int, folder: Path) -> Path:
     return path
 
 
-def words_of(segments: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
+def words_of(timed: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
     """Each word, lower-cased without punctuation, with its start time (empty words dropped)."""
     words: list[str] = []
     starts: list[float] = []
-    for segment in segments:
-        for word in segment.get("words", []):
-            for token in re.sub(r"[^\w\s']", " ", word["word"].lower()).split():
-                words.append(token)
-                starts.append(float(word["start"]))
+    for word in timed:
+        for token in re.sub(r"[^\w\s']", " ", word["word"].lower()).split():
+            words.append(token)
+            starts.append(float(word["start"]))
     return words, starts
 
 
 def compare(reference: list[dict[str, Any]], hypothesis: list[dict[str, Any]]) -> dict[str, Any]:
-    """Word error rate of ``hypothesis`` against ``reference``, and the start-time drift of the words they share."""
+    """Word error rate of ``hypothesis`` against ``reference`` (timed words, as verbose JSON lists
+    them), and the start-time drift of the words they share."""
     import jiwer
 
     ref_words, ref_starts = words_of(reference)
@@ -125,7 +125,8 @@ def reference_transcribe(path: Path, profile: str) -> tuple[list[dict[str, Any]]
     result = model.transcribe(
         whisper.load_audio(str(path)), temperature=0, condition_on_previous_text=False, fp16=False, word_timestamps=True
     )
-    return result["segments"], time.perf_counter() - started
+    words = [word for segment in result["segments"] for word in segment.get("words", [])]
+    return words, time.perf_counter() - started
 
 
 def served(server: ServedProduct, path: Path, mode: str) -> tuple[list[dict[str, Any]], float]:
@@ -143,8 +144,7 @@ def served(server: ServedProduct, path: Path, mode: str) -> tuple[list[dict[str,
     )
     response.raise_for_status()
     body = response.json()
-    # verbose_json lists words apart from segments; put them back per segment for words_of.
-    return [{"words": body.get("words", [])}], time.perf_counter() - started
+    return body.get("words", []), time.perf_counter() - started
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
