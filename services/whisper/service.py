@@ -10,6 +10,9 @@ by ``DecodingOptions`` (one decoding task takes one set) and runs a single batch
 and decoder pass per group. The language is not part of the grouping: windows in different
 languages share a pass, each row starting with its own language token (``services.whisper.decoding``).
 Greedy decoding of a batch gives each window the tokens it gets alone: rows never interact.
+Greedy and sampled decoding run over ``services.whisper.static_decoder`` (keys and values in
+fixed buffers, each step one CUDA graph on a GPU) unless ``MULTIMODAL_WHISPER_DECODER=reference``:
+openai-whisper's own step loop is launch-bound on a GPU, the GPU idle most of each step.
 
 On a GPU, the Linear, Conv1d and Embedding weights are stored in fp16 once: openai-whisper
 otherwise casts fp32 parameters to fp16 on every forward, which makes a decoder step ~3x
@@ -43,8 +46,9 @@ from services.common.model_service import batched_api, model_service
 from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
 from services.whisper.alignment_heads import set_stored_alignment_heads
-from services.whisper.decoding import MixedLanguageTask
+from services.whisper.decoding import BatchDecodingTask
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
+from services.whisper.static_decoder import StaticDecoder
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -77,6 +81,12 @@ class Whisper:
                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Embedding)):
                     module.half()
         self.dtype = torch.float16 if self.fp16 else torch.float32
+        self.static_decoder: StaticDecoder | None = None
+        if settings.whisper_decoder == "static":
+            self.static_decoder = StaticDecoder(
+                self.model, settings.whisper_max_batch_size, self.dtype, use_graphs=self.device.type == "cuda"
+            )
+            self._warm_up()
         # Model calls run one at a time (BentoML's default of one thread per service does so
         # too): find_alignment hooks the decoder's cross-attention, and a decode running
         # beside it would feed those hooks.
@@ -112,10 +122,26 @@ class Whisper:
             options = {k: v for k, v in options.items() if k != "language"}
         return json.dumps(options, sort_keys=True, default=str)
 
+    def _warm_up(self) -> None:
+        """Capture the decoder's step graphs, and run the encoder and the first decoding pass at every
+        batch size once: the first decode at a new size otherwise pays the GPU libraries' set-up."""
+        if self.device.type != "cuda":
+            return
+        assert self.static_decoder is not None
+        started = time.perf_counter()
+        with torch.no_grad():
+            self.static_decoder.capture()
+            silence = torch.zeros(settings.whisper_max_batch_size, self.model.dims.n_mels, 3000)
+            for rows in range(1, settings.whisper_max_batch_size + 1):
+                options = DecodingOptions(language="en", sample_len=2, fp16=True)
+                BatchDecodingTask(self.model, options, static_decoder=self.static_decoder).run(
+                    silence[:rows].to(self.device, self.dtype)
+                )
+        log.info("Whisper decoder warmed up in %.1f s", time.perf_counter() - started)
+
     def _decode(self, mel: torch.Tensor, options: DecodingOptions, languages: list[str | None]) -> list[DecodingResult]:
-        if self.model.is_multilingual and None not in languages:
-            return MixedLanguageTask(self.model, options, languages).run(mel)  # type: ignore[arg-type]
-        return whisper.decode(self.model, mel, options)
+        given = languages if self.model.is_multilingual and None not in languages else None
+        return BatchDecodingTask(self.model, options, given, self.static_decoder).run(mel)  # type: ignore[arg-type]
 
     @window_api
     def decode_windows(self, jobs: list[WindowJob]) -> list[WindowResult]:
