@@ -1,0 +1,481 @@
+"""Whisper end to end through ``bentoml serve`` against openai-whisper itself, in one run.
+
+    python -m bench.whisper_gpu speech --out .speech          # here: espeak-ng speech, carried to the GPU machine
+    python -m bench.whisper_gpu run --speech .speech --out bench/results   # on the GPU machine
+
+Steps of ``run``, all in one process and the server it starts:
+1. Writes a Whisper of large-v3's shape with random weights into a fresh model store, under the
+   production tag (no hub is reachable; speed does not depend on the weights' values).
+2. The decode path in this process, on log-mels of speech: openai-whisper's ``decode`` one
+   window at a time (fp16 weights stored once); its step loop over a batch of 16 windows (the
+   service's reference decoder); the static decoder with CUDA graphs at batches 1 to 32 (the
+   service's default); and whether the two decoders give the same tokens.
+3. openai-whisper's ``transcribe``, one recording after another: as the package ships it
+   (``load_model``'s fp32 weights cast to fp16 on every forward) and with fp16 weights stored.
+4. ``bentoml serve`` with only Whisper, then rounds of 32 concurrent transcriptions of 30-120 s
+   recordings (one round warms up), then 8 concurrent, then one at a time.
+
+Every window decodes to openai-whisper's cap of 224 tokens, in every path: random weights never
+pick end of text (the answers' tokens per window show it), so each path does the same work per
+window and the comparison is not skewed by what the weights happen to say. A real model stops
+at the end of the speech, about 100 tokens a window: real throughput is higher than this.
+
+Recordings are sliced from about 10 minutes of espeak-ng speech (``speech``), so 32 of them are
+all different and carry as one small FLAC. Results: ``whisper_gpu.json`` and a plot in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.clip_gpu import GpuSampler
+from bench.serving import ServedProduct
+
+RATE = 16_000
+POOL = "speech.flac"
+LARGE_V3 = dict(
+    n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
+    n_vocab=51866, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32,
+)  # fmt: skip
+# A small model of the same layout, for a smoke run of this script on a machine without a GPU (--shape small).
+SMALL = {**LARGE_V3, "n_audio_state": 64, "n_audio_head": 2, "n_audio_layer": 2, "n_text_state": 64,
+         "n_text_head": 2, "n_text_layer": 2}  # fmt: skip
+SHAPES = {"large-v3": LARGE_V3, "small": SMALL}
+VOICES = ["en", "en-us", "en-gb-scotland", "en-029"]
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# Speech (here, where espeak-ng is installed)
+
+
+def write_speech(folder: Path, minutes: float) -> Path:
+    """About ``minutes`` of English prose spoken by espeak-ng in several voices and speeds, 16 kHz FLAC."""
+    import soundfile
+
+    from bench.whisper_long_audio import SENTENCES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: list[np.ndarray] = []
+    seconds, index = 0.0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        while seconds < minutes * 60:
+            text = " ".join(SENTENCES[(index * 3 + i) % len(SENTENCES)] for i in range(4))
+            raw = Path(tmp) / "raw.wav"
+            voice, speed = VOICES[index % len(VOICES)], 140 + 15 * (index % 4)
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
+            wav = Path(tmp) / "speech.wav"
+            resample = ["ffmpeg", "-y", "-loglevel", "error", "-i", str(raw), "-ar", str(RATE), "-ac", "1", str(wav)]
+            subprocess.run(resample, check=True)
+            audio, _ = soundfile.read(wav, dtype="float32")
+            parts += [audio, np.zeros(int(RATE * (0.4 + 0.3 * (index % 3))), np.float32)]
+            seconds += (len(audio) + len(parts[-1])) / RATE
+            index += 1
+            log(f"speech: {seconds:.0f} s")
+    path = folder / POOL
+    soundfile.write(path, np.concatenate(parts), RATE, format="FLAC")
+    log(f"wrote {path}: {seconds:.0f} s, {path.stat().st_size / 1e6:.1f} MB")
+    return path
+
+
+def recordings(pool: np.ndarray, durations: list[float]) -> list[np.ndarray]:
+    """Slices of the pool of the given durations, from spread-out starts (wrapping around), all different."""
+    clips = []
+    for i, seconds in enumerate(durations):
+        length, start = int(seconds * RATE), int((i * 0.618034 % 1) * len(pool))
+        clips.append(np.resize(np.roll(pool, -start), length))  # np.resize repeats the pool if needed
+    return clips
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+# The model store
+
+
+def write_model(home: Path, shape: str, seed: int = 0) -> Path:
+    """A random-weight Whisper of ``shape`` under the production tag; its checkpoint's path."""
+    os.environ["BENTOML_HOME"] = str(home)
+    import bentoml
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    from bentos.import_models import model_metadata
+    from bentos.tiny.whisper import CHECKPOINT
+    from configuration.profiles import model_spec
+    from configuration.settings import Settings
+
+    spec = model_spec("whisper", Settings(profile="production"))
+    torch.manual_seed(seed)
+    with torch.device(device()):
+        model = Whisper(ModelDimensions(**SHAPES[shape]))
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(std=0.02)  # torch.empty otherwise
+    state = {name: value.half() for name, value in model.state_dict().items()}  # as published: fp16
+    labels = {"profile": "production", "family": "whisper", "architecture": spec.architecture}
+    published = model_metadata(spec) if shape == "large-v3" else {}  # large-v3's alignment heads fit only it
+    metadata = {**published, "source": f"random weights, {shape} shape", "seed": seed}
+    with bentoml.models.create(spec.tag, labels=labels, metadata=metadata) as stored:
+        torch.save({"dims": SHAPES[shape], "model_state_dict": state}, Path(stored.path) / CHECKPOINT)
+    del model, state
+    torch.cuda.empty_cache()
+    log(f"wrote a random {shape} as {spec.tag}")
+    return next((home / "models").glob(f"*/*/{CHECKPOINT}"))
+
+
+# The decode path and transcribe, in this process
+
+
+def synchronized(fn: Any) -> tuple[float, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, out
+
+
+def half_weights(model: Any) -> None:
+    """What ``services.whisper.service`` does on a GPU: Linear, Conv1d and Embedding weights in fp16."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # the CPU keeps fp32, as the service does
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Embedding)):
+            module.half()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """How often two decoders give one window the same tokens, and how far they agree before they part."""
+
+    def prefix(x: list[int], y: list[int]) -> int:
+        return next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
+
+    return {
+        "identical_windows": sum(x == y for x, y in zip(a, b, strict=True)) / len(a),
+        "mean_common_prefix_fraction": float(
+            np.mean([prefix(x, y) / max(len(x), len(y), 1) for x, y in zip(a, b, strict=True)])
+        ),
+    }
+
+
+def decode_path(checkpoint: Path, clips: list[np.ndarray]) -> dict[str, Any]:
+    import torch
+    import whisper
+    from whisper.decoding import DecodingOptions
+
+    from services.whisper.decoding import BatchDecodingTask
+    from services.whisper.static_decoder import StaticDecoder
+
+    gpu = device() == "cuda"
+    dtype = torch.float16 if gpu else torch.float32
+    model = whisper.load_model(str(checkpoint), device=device()).eval()
+    half_weights(model)
+    audio = torch.from_numpy(np.concatenate(clips)[: 32 * 30 * RATE].copy()).to(device())
+    mels = torch.stack([
+        whisper.log_mel_spectrogram(window, model.dims.n_mels) for window in audio.view(32, 30 * RATE)
+    ]).to(dtype)  # fmt: skip
+    options = DecodingOptions(language="en", fp16=gpu, temperature=0.0)  # transcribe's: timestamps on
+    results: dict[str, Any] = {}
+
+    def tokens(decoded: list[Any]) -> list[list[int]]:
+        return [d.tokens for d in decoded]
+
+    whisper.decode(model, mels[0], DecodingOptions(language="en", fp16=gpu, sample_len=4))  # warm-up
+    seconds, alone = synchronized(lambda: [whisper.decode(model, mel, options) for mel in mels[:2]])
+    lengths = [len(t) for t in tokens(alone)]
+    results["package_one_window_at_a_time"] = {"windows_per_s": 2 / seconds, "tokens_per_window": lengths}
+    log(f"package, one window at a time: {2 / seconds:.2f} windows/s")
+
+    seconds, package16 = synchronized(lambda: BatchDecodingTask(model, options).run(mels[:16]))
+    results["package_step_loop_batch16"] = {"windows_per_s": 16 / seconds, "seconds": seconds}
+    log(f"package step loop, batch 16: {16 / seconds:.2f} windows/s ({seconds:.1f} s, the first at this size)")
+
+    decoder = StaticDecoder(model, 32, dtype, use_graphs=True)
+    seconds, _ = synchronized(decoder.capture)
+    results["graph_capture_s"] = seconds
+    static: dict[str, Any] = {}
+    for batch in (1, 8, 16, 32):
+        run = lambda batch=batch: BatchDecodingTask(model, options, static_decoder=decoder).run(mels[:batch])  # noqa: E731
+        first, _ = synchronized(run)
+        seconds, decoded = synchronized(run)
+        encoder_s, _ = synchronized(lambda batch=batch: model.encoder(mels[:batch]))
+        static[str(batch)] = {
+            "windows_per_s": batch / seconds,
+            "seconds": seconds,
+            "first_call_s": first,
+            "encoder_s": encoder_s,
+            "step_ms": 1000 * (seconds - encoder_s) / max(len(decoded[0].tokens), 1),
+            "tokens_per_window": float(np.mean([len(d.tokens) for d in decoded])),
+        }
+        if batch == 16:
+            static16 = decoded
+        log(f"static decoder, batch {batch}: {batch / seconds:.1f} windows/s ({static[str(batch)]})")
+    results["static_decoder_cuda_graphs"] = static
+    results["static_against_package_batch16"] = agreement(tokens(static16), tokens(package16))
+    results["package_alone_against_package_batch16"] = agreement(tokens(alone), tokens(package16[:2]))
+    log(f"tokens, static against the package's loop: {results['static_against_package_batch16']}")
+    return results  # the model and the decoder's buffers are freed with this frame
+
+
+def sequential_transcribe(checkpoint: Path, clips: list[np.ndarray]) -> dict[str, Any]:
+    """openai-whisper's ``transcribe`` on one recording after another, as the service's options set it."""
+    import torch
+    import whisper
+
+    gpu = device() == "cuda"
+
+    def run(model: Any, recordings: list[np.ndarray]) -> dict[str, float]:
+        seconds, outputs = synchronized(
+            lambda: [
+                whisper.transcribe(
+                    model, clip, temperature=0.0, condition_on_previous_text=False, language="en", fp16=gpu
+                )
+                for clip in recordings
+            ]
+        )
+        audio = sum(len(c) for c in recordings) / RATE
+        windows = sum(len({s["seek"] for s in o["segments"]}) for o in outputs)
+        tokens = sum(len(s["tokens"]) for o in outputs for s in o["segments"])
+        return {
+            "audio_s": audio,
+            "wall_s": seconds,
+            "audio_s_per_s": audio / seconds,
+            "windows_with_segments": windows,
+            "tokens_per_window": tokens / max(windows, 1),
+        }
+
+    shortest = sorted(clips, key=len)  # transcribe is slow: its share of the run's time is kept small
+    model = whisper.load_model(str(checkpoint), device=device()).eval()
+    whisper.transcribe(model, clips[0][: 5 * RATE], temperature=0.0, language="en")  # warm-up
+    results = {"as_shipped_fp32_weights": run(model, shortest[:1])}
+    log(f"transcribe as shipped: {results['as_shipped_fp32_weights']}")
+    half_weights(model)
+    results["fp16_weights"] = run(model, shortest[1:3])
+    log(f"transcribe, fp16 weights: {results['fp16_weights']}")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+# The service
+
+
+class Server(ServedProduct):
+    def __init__(self, home: Path, port: int, **env: str) -> None:
+        settings = {
+            "BENTOML_HOME": str(home),
+            "MULTIMODAL_PROFILE": "production",
+            "MULTIMODAL_FAMILIES": "whisper",
+            "MULTIMODAL_MAX_CONCURRENT_REQUESTS": "1024",
+            "MULTIMODAL_WHISPER_MAX_QUEUED_WINDOWS": "1024",
+        }
+        super().__init__(port, home / f"serve-{port}.log", **{**settings, **env})
+
+    def whisper_metrics(self) -> dict[str, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
+            for sample in family.samples:
+                decode = sample.name.startswith("whisper_batch") and sample.labels.get("kind") == "decode"
+                if decode and sample.name.endswith(("_sum", "_count")):
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+
+async def transcribe_all(url: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
+    """Every recording once, ``concurrency`` requests in flight; latencies, statuses, tokens per segment."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    tokens: list[int] = []
+    queue = list(enumerate(bodies))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            _, body = queue.pop(0)
+            started = time.perf_counter()
+            response = await http.post(
+                f"{url}/v1/audio/transcriptions",
+                files={"file": ("speech.wav", body, "audio/wav")},
+                data={"model": "whisper-1", "temperature": "0", "response_format": "verbose_json"},
+            )
+            latencies.append(time.perf_counter() - started)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if response.status_code == 200:
+                tokens.extend(len(s["tokens"]) for s in response.json()["segments"])
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=concurrency)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(bodies),
+        "wall_s": wall,
+        "statuses": statuses,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p99_s": float(np.percentile(latencies, 99)),
+        "segment_tokens": int(np.sum(tokens)),
+    }
+
+
+def served(
+    home: Path, clips: list[np.ndarray], port: int, env: dict[str, str], rounds: list[tuple[str, int, int]]
+) -> dict[str, Any]:
+    bodies = [wav_bytes(c) for c in clips]
+    server = Server(home, port, **env)
+    started = time.perf_counter()
+    try:
+        server.wait_ready(900)
+        results: dict[str, Any] = {"ready_s": time.perf_counter() - started, "env": env}
+        log(f"served ({env}) in {results['ready_s']:.0f} s")
+        asyncio.run(transcribe_all(server.url, bodies[:1], 1))  # one request through every part
+        for name, concurrency, count in rounds:
+            before = server.whisper_metrics()
+            with GpuSampler() as gpu:
+                level = asyncio.run(transcribe_all(server.url, bodies[:count], concurrency))
+            after = server.whisper_metrics()
+            delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            audio = sum(len(c) for c in clips[:count]) / RATE
+            windows = delta.get("whisper_batch_size_sum", 0.0)
+            level.update(
+                audio_s=audio,
+                audio_s_per_s=audio / level["wall_s"],
+                gpu_busy_percent=gpu.mean,
+                windows=windows,
+                mean_decode_batch=windows / max(delta.get("whisper_batch_size_count", 0.0), 1),
+                decode_busy_s=delta.get("whisper_batch_duration_seconds_sum", 0.0),
+                tokens_per_window=level["segment_tokens"] / max(windows, 1),
+            )
+            results[name] = level
+            log(f"{name}: {json.dumps(level)}")
+    finally:
+        server.stop()
+    return results
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {
+        "transcribe\n(as shipped)": results["transcribe"]["as_shipped_fp32_weights"]["audio_s_per_s"],
+        "transcribe\n(fp16 weights)": results["transcribe"]["fp16_weights"]["audio_s_per_s"],
+    }
+    for name, served_results in results["served"].items():
+        for level in ("1 at a time", "8 concurrent", "32 concurrent"):
+            if level in served_results:
+                bars[f"service {name}\n{level}"] = served_results[level]["audio_s_per_s"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(bars)), 4))
+    ax.bar(list(bars), list(bars.values()), color="tab:blue")
+    ax.set_ylabel("audio seconds per wall second")
+    ax.set_title(f"Whisper large-v3 shape, random weights, 224 tokens/window ({results['gpu']})")
+    for i, v in enumerate(bars.values()):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    plt.xticks(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> None:
+    import soundfile
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool, rate = soundfile.read(Path(args.speech) / POOL, dtype="float32")
+    assert rate == RATE, rate
+    durations = list(np.linspace(30, 120, 32))
+    np.random.default_rng(0).shuffle(durations)
+    clips = recordings(pool, durations)
+    results: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if device() == "cuda" else "CPU",
+        "recordings_s": [round(d, 1) for d in durations],
+    }
+    home = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
+    checkpoint = write_model(home, args.shape)
+    if "decode" in args.steps:
+        results["decode"] = decode_path(checkpoint, clips)
+        gc.collect()
+        torch.cuda.empty_cache()
+    (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))  # after each step: a cut-off run keeps some
+    if "transcribe" in args.steps:
+        results["transcribe"] = sequential_transcribe(checkpoint, clips)
+        (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
+    results["served"] = {}
+    rounds = [
+        ("warm-up 32 concurrent", 32, 32),
+        ("32 concurrent", 32, 32),
+        ("8 concurrent", 8, 16),
+        ("1 at a time", 1, 4),
+    ]
+    for decoder in args.decoders:
+        env = {"MULTIMODAL_WHISPER_DECODER": decoder, "MULTIMODAL_WHISPER_MAX_BATCH_SIZE": str(args.batch)}
+        chosen = rounds if decoder == "static" else [("32 concurrent", 32, args.reference_requests)]
+        results["served"][f"{decoder}, batch {args.batch}"] = served(home, clips, 3100, env, chosen)
+        (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
+    (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
+    if "transcribe" in results:
+        plot(results, out / "whisper_gpu.png")
+    log(f"results in {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    speech = commands.add_parser("speech", help="write the speech pool (needs espeak-ng and ffmpeg)")
+    speech.add_argument("--out", default=".speech")
+    speech.add_argument("--minutes", type=float, default=10)
+    measure = commands.add_parser("run", help="the whole measurement (needs a GPU)")
+    measure.add_argument("--speech", default=".speech")
+    measure.add_argument("--shape", choices=list(SHAPES), default="large-v3", help="small: a smoke run on a CPU")
+    measure.add_argument("--out", default="bench/results")
+    measure.add_argument("--steps", nargs="*", default=["decode", "transcribe"], choices=["decode", "transcribe"])
+    measure.add_argument("--decoders", nargs="*", default=["static"], choices=["static", "reference"])
+    measure.add_argument("--batch", type=int, default=32, help="the service's MULTIMODAL_WHISPER_MAX_BATCH_SIZE")
+    measure.add_argument("--reference-requests", type=int, default=8, help="recordings sent to the reference decoder")
+    args = parser.parse_args()
+    if args.command == "speech":
+        write_speech(Path(args.out), args.minutes)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
