@@ -8,12 +8,14 @@ Steps of ``run``, all in one process and the server it starts:
    production tag (no hub is reachable; speed does not depend on the weights' values).
 2. The decode path in this process, on log-mels of speech: openai-whisper's ``decode`` one
    window at a time (fp16 weights stored once); its step loop over a batch of 16 windows (the
-   service's reference decoder); the static decoder with CUDA graphs at batches 1 to 32 (the
-   service's default); and whether the two decoders give the same tokens.
+   service's `reference` decoder); the static decoder with CUDA graphs at batches 1 to 64 (its
+   graph replay alone, and the kernels of one step); the continuous engine (the service's
+   default) with 64 windows at once and in a stream; and whether they give the package's tokens.
 3. openai-whisper's ``transcribe``, one recording after another: as the package ships it
    (``load_model``'s fp32 weights cast to fp16 on every forward) and with fp16 weights stored.
-4. ``bentoml serve`` with only Whisper, then rounds of 32 concurrent transcriptions of 30-120 s
-   recordings (one round warms up), then 8 concurrent, then one at a time.
+4. ``bentoml serve`` with only Whisper and each decoder of --decoders, then rounds of 32
+   concurrent transcriptions of 30-120 s recordings (one round warms up), then (the first
+   decoder only) 8 concurrent, then one at a time.
 
 Every window decodes to openai-whisper's cap of 224 tokens, in every path: random weights never
 pick end of text (the answers' tokens per window show it), so each path does the same work per
@@ -188,7 +190,61 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
     }
 
 
-def decode_path(checkpoint: Path, clips: list[np.ndarray]) -> dict[str, Any]:
+def step_replay_ms(decoder: Any, batch: int, repeats: int = 50) -> float:
+    """One decoder step's graph alone, replayed: the GPU's own time per step, without the loop around it."""
+    import torch
+
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    seconds, _ = synchronized(lambda: [decoder.step(decoder.cache, tokens, 100) for _ in range(repeats)])
+    return 1000 * seconds / repeats
+
+
+def step_kernels(decoder: Any, batch: int, top: int = 12) -> list[tuple[str, float]]:
+    """The GPU kernels of one eager decoder step (the graph replays the same ones), by total time in ms."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    position = torch.tensor([100], device="cuda")
+    with torch.no_grad():
+        decoder.forward(decoder.cache, tokens, position)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            for _ in range(5):
+                decoder.forward(decoder.cache, tokens, position)
+            torch.cuda.synchronize()
+    rows = sorted(trace.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    return [(row.key[:90], round(row.device_time_total / 5 / 1000, 3)) for row in rows]
+
+
+def continuous_engine(model: Any, decoder: Any, mels: Any, options: Any) -> dict[str, Any]:
+    """The service's default: every window submitted to the continuous engine at once, and then
+    in a stream (a window every 20 ms), joining the rows already decoding."""
+    import threading
+
+    from services.whisper.decode_engine import DecodeEngine
+
+    decoder.capture(per_row=True)
+    engine = DecodeEngine(model, decoder, threading.Lock())
+
+    def decode(gap_s: float) -> list[Any]:
+        futures = []
+        for mel in mels:
+            futures.append(engine.submit(mel, options, "en"))
+            time.sleep(gap_s)
+        return [future.result() for future in futures]
+
+    decode(0.0)  # warm-up: the first prefill at each size
+    results: dict[str, Any] = {}
+    for name, gap_s in (("at_once", 0.0), ("every_20ms", 0.02)):
+        seconds, decoded = synchronized(lambda gap_s=gap_s: decode(gap_s))
+        results[name] = {"windows": len(decoded), "windows_per_s": len(decoded) / seconds, "seconds": seconds}
+        log(f"continuous engine, {len(decoded)} windows {name}: {len(decoded) / seconds:.1f} windows/s")
+    results["tokens"] = [d.tokens for d in decoded]
+    return results
+
+
+def decode_path(checkpoint: Path, clips: list[np.ndarray], batches: list[int]) -> dict[str, Any]:
     import torch
     import whisper
     from whisper.decoding import DecodingOptions
@@ -220,30 +276,42 @@ def decode_path(checkpoint: Path, clips: list[np.ndarray]) -> dict[str, Any]:
     results["package_step_loop_batch16"] = {"windows_per_s": 16 / seconds, "seconds": seconds}
     log(f"package step loop, batch 16: {16 / seconds:.2f} windows/s ({seconds:.1f} s, the first at this size)")
 
-    decoder = StaticDecoder(model, 32, dtype, use_graphs=True)
+    largest = max(batches)
+    mels = mels.repeat(-(-largest // len(mels)), 1, 1)[:largest]  # batches past 32 windows repeat them
+    decoder = StaticDecoder(model, largest, dtype, use_graphs=True)
     seconds, _ = synchronized(decoder.capture)
     results["graph_capture_s"] = seconds
+    results["fused_kernels"] = {"layer_norm": decoder.fused_norm, "query_key_value": bool(decoder._qkv)}
     static: dict[str, Any] = {}
-    for batch in (1, 8, 16, 32):
+    for batch in batches:
         run = lambda batch=batch: BatchDecodingTask(model, options, static_decoder=decoder).run(mels[:batch])  # noqa: E731
         first, _ = synchronized(run)
         seconds, decoded = synchronized(run)
-        encoder_s, _ = synchronized(lambda batch=batch: model.encoder(mels[:batch]))
+        with torch.no_grad():
+            encoder_s, _ = synchronized(lambda batch=batch: model.encoder(mels[:batch]))
         static[str(batch)] = {
             "windows_per_s": batch / seconds,
             "seconds": seconds,
             "first_call_s": first,
             "encoder_s": encoder_s,
             "step_ms": 1000 * (seconds - encoder_s) / max(len(decoded[0].tokens), 1),
+            "graph_replay_ms": step_replay_ms(decoder, batch) if gpu else None,
             "tokens_per_window": float(np.mean([len(d.tokens) for d in decoded])),
         }
         if batch == 16:
             static16 = decoded
         log(f"static decoder, batch {batch}: {batch / seconds:.1f} windows/s ({static[str(batch)]})")
     results["static_decoder_cuda_graphs"] = static
+    results["continuous_engine"] = continuous_engine(model, decoder, mels, options)
+    engine_tokens = results["continuous_engine"].pop("tokens")
+    shared = min(len(engine_tokens), 16)
+    results["engine_against_package_batch16"] = agreement(engine_tokens[:shared], tokens(package16)[:shared])
     results["static_against_package_batch16"] = agreement(tokens(static16), tokens(package16))
     results["package_alone_against_package_batch16"] = agreement(tokens(alone), tokens(package16[:2]))
     log(f"tokens, static against the package's loop: {results['static_against_package_batch16']}")
+    if gpu:
+        results["step_kernels"] = step_kernels(decoder, largest)
+        log(f"an eager step at batch {largest}, its kernels: {results['step_kernels']}")
     return results  # the model and the decoder's buffers are freed with this frame
 
 
@@ -312,6 +380,9 @@ class Server(ServedProduct):
                 decode = sample.name.startswith("whisper_batch") and sample.labels.get("kind") == "decode"
                 if decode and sample.name.endswith(("_sum", "_count")):
                     values[sample.name] = values.get(sample.name, 0.0) + sample.value
+                elif decode and sample.name == "whisper_batch_size_bucket":  # batches of at most `le` windows
+                    key = f"batches_up_to_{sample.labels['le']}"
+                    values[key] = values.get(key, 0.0) + sample.value
         return values
 
 
@@ -380,6 +451,7 @@ def served(
                 mean_decode_batch=windows / max(delta.get("whisper_batch_size_count", 0.0), 1),
                 decode_busy_s=delta.get("whisper_batch_duration_seconds_sum", 0.0),
                 tokens_per_window=level["segment_tokens"] / max(windows, 1),
+                batch_sizes={k.removeprefix("batches_up_to_"): v for k, v in delta.items() if k.startswith("batches")},
             )
             results[name] = level
             log(f"{name}: {json.dumps(level)}")
@@ -431,7 +503,7 @@ def run(args: argparse.Namespace) -> None:
     home = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     checkpoint = write_model(home, args.shape)
     if "decode" in args.steps:
-        results["decode"] = decode_path(checkpoint, clips)
+        results["decode"] = decode_path(checkpoint, clips, args.decode_batches)
         gc.collect()
         torch.cuda.empty_cache()
     (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))  # after each step: a cut-off run keeps some
@@ -447,7 +519,11 @@ def run(args: argparse.Namespace) -> None:
     ]
     for decoder in args.decoders:
         env = {"MULTIMODAL_WHISPER_DECODER": decoder, "MULTIMODAL_WHISPER_MAX_BATCH_SIZE": str(args.batch)}
-        chosen = rounds if decoder == "static" else [("32 concurrent", 32, args.reference_requests)]
+        chosen = {
+            "continuous": rounds,
+            "static": rounds[:2],
+            "reference": [("32 concurrent", 32, args.reference_requests)],
+        }[decoder]
         results["served"][f"{decoder}, batch {args.batch}"] = served(home, clips, 3100, env, chosen)
         (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
     (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
@@ -467,8 +543,11 @@ def main() -> None:
     measure.add_argument("--shape", choices=list(SHAPES), default="large-v3", help="small: a smoke run on a CPU")
     measure.add_argument("--out", default="bench/results")
     measure.add_argument("--steps", nargs="*", default=["decode", "transcribe"], choices=["decode", "transcribe"])
-    measure.add_argument("--decoders", nargs="*", default=["static"], choices=["static", "reference"])
-    measure.add_argument("--batch", type=int, default=32, help="the service's MULTIMODAL_WHISPER_MAX_BATCH_SIZE")
+    measure.add_argument(
+        "--decoders", nargs="*", default=["continuous", "static"], choices=["continuous", "static", "reference"]
+    )
+    measure.add_argument("--batch", type=int, default=64, help="the service's MULTIMODAL_WHISPER_MAX_BATCH_SIZE")
+    measure.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 16, 32, 64])
     measure.add_argument("--reference-requests", type=int, default=8, help="recordings sent to the reference decoder")
     args = parser.parse_args()
     if args.command == "speech":

@@ -111,10 +111,11 @@ class Settings(BaseSettings):
         "`sequential` runs openai-whisper's `transcribe` over the whole file (its text exactly, one window at "
         "a time). A request's `long_audio` form field overrides it.",
     )
-    whisper_decoder: Literal["static", "reference"] = Field(
-        "static",
-        description="`static`: greedy decoding over a fixed-size KV cache, each step one CUDA graph on a GPU "
-        "(services/whisper/static_decoder.py; the same tokens); `reference`: openai-whisper's own step loop.",
+    whisper_decoder: Literal["continuous", "static", "reference"] = Field(
+        "continuous",
+        description="`continuous`: windows join and leave the running batch at every step "
+        "(services/whisper/decode_engine.py); `static`: batches decoded whole; both over a fixed-size KV cache, "
+        "each step one CUDA graph on a GPU, with openai-whisper's tokens; `reference`: openai-whisper's own step loop.",
     )
     whisper_temperature_fallback: bool = Field(
         False,

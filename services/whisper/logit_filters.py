@@ -26,63 +26,77 @@ class SuppressTokensOnDevice(LogitFilter):
         logits.index_fill_(1, self.index, -torch.inf)
 
 
-class BatchedTimestampRules(LogitFilter):
-    """``whisper.decoding.ApplyTimestampRules``, every row at once.
+def apply_timestamp_rules(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    sample_begin: torch.Tensor,
+    length: torch.Tensor,
+    max_initial: torch.Tensor,
+    applies: torch.Tensor,
+    tokenizer: Tokenizer,
+) -> None:
+    """openai-whisper's timestamp rules on ``logits`` (rows x vocabulary), in place, each row with its own history.
+
+    Row ``r`` has sampled ``history[r, sample_begin[r]:length[r]]`` so far (what lies past ``length``
+    is never read), may start with a timestamp of index at most ``max_initial[r]`` (-1: any), and
+    follows the rules only where ``applies[r]`` (rows decoded without timestamps do not).
 
     The package's rules, per row: timestamps come in pairs (after two timestamps only text or
     end of text; after one timestamp that follows text, only a timestamp or end of text);
     timestamps never decrease, and a segment is never empty; the first sampled token is a
-    timestamp, at most ``max_initial_timestamp_index``; and where the timestamps together
-    are likelier than any one text token, the next token is a timestamp.
+    timestamp, at most ``max_initial``; and where the timestamps together are likelier than
+    any one text token, the next token is a timestamp.
     """
+    begin, eot = tokenizer.timestamp_begin, tokenizer.eot
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    positions = torch.arange(history.shape[1], device=logits.device)
+    is_timestamp_column, is_text = columns >= begin, columns < eot  # end of text and specials are neither
+    count = length - sample_begin  # tokens sampled so far
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return history.gather(1, index.clamp(min=0)[:, None])[:, 0]
+
+    last_was = (count >= 1) & (at(length - 1) >= begin)
+    penultimate_was = (count < 2) | (at(length - 2) >= begin)  # the package's rule for short histories
+    # after a pair of timestamps: no timestamp; after text then a timestamp: no text
+    mask = (last_was & penultimate_was)[:, None] & is_timestamp_column
+    mask |= (last_was & ~penultimate_was)[:, None] & is_text
+    # the last timestamp sampled (by position), where a row has one: it may repeat only to close the
+    # segment it opened; otherwise the next one is strictly later
+    sampled = (positions >= sample_begin[:, None]) & (positions < length[:, None])
+    last_index = torch.where(sampled & (history >= begin), positions, -1).amax(dim=1)
+    last = at(last_index)
+    upper = torch.where(last_was & ~penultimate_was, last, last + 1)
+    mask |= (last_index >= 0)[:, None] & is_timestamp_column & (columns < upper[:, None])
+    # the first sampled token is a timestamp, no later than max_initial
+    first = count == 0
+    mask |= first[:, None] & ~is_timestamp_column
+    mask |= (first & (max_initial >= 0))[:, None] & (columns > begin + max_initial[:, None])
+    if tokenizer.no_timestamps is not None:
+        mask[:, tokenizer.no_timestamps] = True
+    logits.masked_fill_(mask & applies[:, None], -torch.inf)
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    timestamp_logprob = logprobs[:, begin:].logsumexp(dim=-1)
+    max_text_logprob = logprobs[:, :begin].amax(dim=-1)
+    likelier = (timestamp_logprob > max_text_logprob) & applies
+    logits.masked_fill_(likelier[:, None] & ~is_timestamp_column, -torch.inf)
+
+
+class BatchedTimestampRules(LogitFilter):
+    """``whisper.decoding.ApplyTimestampRules``, every row at once (``apply_timestamp_rules``)."""
 
     def __init__(self, tokenizer: Tokenizer, sample_begin: int, max_initial_timestamp_index: int | None) -> None:
-        self.no_timestamps = tokenizer.no_timestamps
-        self.eot, self.timestamp_begin = tokenizer.eot, tokenizer.timestamp_begin
-        self.sample_begin = sample_begin
-        self.max_initial_timestamp_index = max_initial_timestamp_index
-        self._columns: torch.Tensor | None = None
-
-    def _vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
-        if self._columns is None or self._columns.device != logits.device or len(self._columns) != logits.shape[1]:
-            self._columns = torch.arange(logits.shape[1], device=logits.device)
-        return self._columns
+        self.tokenizer, self.sample_begin = tokenizer, sample_begin
+        self.max_initial = -1 if max_initial_timestamp_index is None else max_initial_timestamp_index
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        begin, columns = self.timestamp_begin, self._vocabulary(logits)
-        if self.no_timestamps is not None:
-            logits[:, self.no_timestamps] = -torch.inf
+        rows, device = tokens.shape[0], tokens.device
 
-        sampled = tokens[:, self.sample_begin :]
-        is_timestamp = sampled >= begin  # rows x sampled tokens
-        length = sampled.shape[1]
-        rows = logits.shape[0]
-        no, yes = (torch.full((rows,), value, device=logits.device) for value in (False, True))
-        last_was = is_timestamp[:, -1] if length >= 1 else no
-        penultimate_was = is_timestamp[:, -2] if length >= 2 else yes  # the package's rule for short histories
-        is_text = columns < self.eot  # end of text and the special tokens are neither
-        is_timestamp_column = columns >= begin
-        # after a pair of timestamps: no timestamp; after text then a timestamp: no text
-        mask = (last_was & penultimate_was)[:, None] & is_timestamp_column
-        mask |= (last_was & ~penultimate_was)[:, None] & is_text
+        def each(value: int | bool) -> torch.Tensor:
+            return torch.full((rows,), value, device=device)
 
-        if length >= 1:
-            # the last timestamp sampled (by position), where a row has one
-            positions = torch.arange(length, device=logits.device)
-            last_index = torch.where(is_timestamp, positions, -1).amax(dim=1)
-            has_timestamp = last_index >= 0
-            last = sampled.gather(1, last_index.clamp(min=0)[:, None])[:, 0]
-            # it may repeat only to close the segment it opened; otherwise strictly later
-            upper = torch.where(last_was & ~penultimate_was, last, last + 1)
-            mask |= has_timestamp[:, None] & is_timestamp_column & (columns < upper[:, None])
-        logits.masked_fill_(mask, -torch.inf)
-
-        if tokens.shape[1] == self.sample_begin:
-            logits[:, :begin] = -torch.inf  # the first sampled token is a timestamp
-            if self.max_initial_timestamp_index is not None:
-                logits[:, begin + self.max_initial_timestamp_index + 1 :] = -torch.inf
-
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        timestamp_logprob = logprobs[:, begin:].logsumexp(dim=-1)
-        max_text_logprob = logprobs[:, :begin].amax(dim=-1)
-        logits.masked_fill_((timestamp_logprob > max_text_logprob)[:, None] & (columns < begin), -torch.inf)
+        apply_timestamp_rules(
+            logits, tokens, each(self.sample_begin), each(tokens.shape[1]), each(self.max_initial), each(True),
+            self.tokenizer,
+        )  # fmt: skip

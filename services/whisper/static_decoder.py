@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import layer_norm, linear, scaled_dot_product_attention
 from whisper.decoding import Inference
 from whisper.model import ModelDimensions, Whisper
 
@@ -50,26 +50,31 @@ class DecoderCache:
 
 
 class _StepGraph:
-    """One decoder step for ``rows`` rows, captured: fixed input and output buffers."""
+    """One decoder step for ``rows`` rows, captured: fixed input and output buffers. The rows share
+    one position, or (``per_row``) each has its own, as rows that joined at different steps do."""
 
-    def __init__(self, decoder: StaticDecoder, cache: DecoderCache, rows: int, pool: Any) -> None:
+    def __init__(self, decoder: StaticDecoder, cache: DecoderCache, rows: int, per_row: bool, pool: Any) -> None:
         device = decoder.key_positions.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows if per_row else 1, dtype=torch.long, device=device)
+        self.per_row = per_row
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the capture, as torch.cuda.graph requires
             for _ in range(2):
-                decoder.forward(cache, self.tokens, self.position)
+                decoder.forward(cache, self.tokens, self.positions, per_row=per_row)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = decoder.forward(cache, self.tokens, self.position)
+            self.logits = decoder.forward(cache, self.tokens, self.positions, per_row=per_row)
 
-    def run(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
         rows = tokens.shape[0]
         self.tokens[:rows].copy_(tokens)
-        self.position.fill_(position)
+        if isinstance(positions, int):
+            self.positions.fill_(positions)
+        else:
+            self.positions[:rows].copy_(positions)
         self.graph.replay()
         return self.logits[:rows]  # rows past the batch are padding: stale, finite, never read
 
@@ -88,22 +93,70 @@ class StaticDecoder:
         self.key_positions = torch.arange(self.dims.n_text_ctx, device=self.device)
         self.cache = DecoderCache(self.dims, capacity, dtype, self.device)
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        self._graphs: dict[int, _StepGraph] = {}
+        self._graphs: dict[tuple[int, bool], _StepGraph] = {}
+        self._row_index = torch.arange(capacity, device=self.device)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.sizes = sorted({min(2**i, capacity) for i in range(capacity.bit_length() + 1)})
+        self._fuse_kernels()
 
     @torch.no_grad()
-    def capture(self) -> None:
+    def _fuse_kernels(self) -> None:
+        """Fewer kernels a step, where the result is the same to the bit on this device.
+
+        A step at large-v3 shapes launches several hundred kernels, which bounds it more than the
+        GPU's arithmetic. openai-whisper's LayerNorm casts to fp32 and back around the norm (three
+        kernels, where ``layer_norm`` on the fp16 input with fp32 parameters is one), and its
+        query, key and value are three matrix products where one over the stacked weights does.
+        Each is used only if it gives exactly openai-whisper's numbers on a sample here, so the
+        tokens stay the package's.
+        """
+        block = self.model.decoder.blocks[0]
+        sample = torch.randn(4, 3, self.dims.n_text_state, device=self.device).to(self.dtype)
+        norm = block.attn_ln
+        try:
+            fused_norm = layer_norm(sample, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            self.fused_norm = torch.equal(fused_norm, norm(sample))
+        except RuntimeError:  # fp16 input with fp32 parameters: not every torch build takes it
+            self.fused_norm = False
+        self._qkv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for block in self.model.decoder.blocks:
+            attn = block.attn
+            bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])
+            weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
+            self._qkv.append((weight.to(self.dtype), bias.to(self.dtype)))
+        fused_qkv = linear(sample, *self._qkv[0]).split(self.dims.n_text_state, dim=-1)
+        attn = self.model.decoder.blocks[0].attn
+        separate = (attn.query(sample), attn.key(sample), attn.value(sample))
+        if not all(torch.equal(a, b) for a, b in zip(fused_qkv, separate, strict=True)):
+            self._qkv = []  # three products, as openai-whisper does them
+
+    def _norm(self, module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_norm:
+            return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        return module(x)
+
+    def _query_key_value(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._qkv:
+            return tuple(linear(h, *self._qkv[layer]).split(self.dims.n_text_state, dim=-1))
+        attn = self.model.decoder.blocks[layer].attn
+        return attn.query(h), attn.key(h), attn.value(h)
+
+    @torch.no_grad()
+    def capture(self, per_row: bool = False) -> None:
         """Capture every batch size's step now, so that no request pays for it (nothing may be decoding)."""
         if self.use_graphs:
             for rows in self.sizes:
-                self._graph(rows)
+                self._graph(rows, per_row)
 
-    def _graph(self, rows: int) -> _StepGraph:
-        size = next(size for size in self.sizes if size >= rows)
-        if size not in self._graphs:
-            self._graphs[size] = _StepGraph(self, self.cache, size, self._pool)
-        return self._graphs[size]
+    def _graph(self, rows: int, per_row: bool) -> _StepGraph:
+        size = self.size_for(rows)
+        if (size, per_row) not in self._graphs:
+            self._graphs[size, per_row] = _StepGraph(self, self.cache, size, per_row, self._pool)
+        return self._graphs[size, per_row]
+
+    def size_for(self, rows: int) -> int:
+        """The batch size a step of ``rows`` rows runs at: the next captured one."""
+        return next(size for size in self.sizes if size >= rows)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -113,31 +166,47 @@ class StaticDecoder:
         return a.permute(0, 2, 1, 3).flatten(start_dim=2)
 
     def forward(
-        self, cache: DecoderCache, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None
+        self,
+        cache: DecoderCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        length: int | None = None,
+        per_row: bool = False,
     ) -> torch.Tensor:
         """Logits of ``tokens`` at ``positions``, writing their keys and values into ``cache``.
 
-        Self-attention reads the first ``length`` positions of the cache, all of them by default
-        (a graph's step, whose position changes from replay to replay); an eager call that
-        knows its position reads no further, as openai-whisper's growing cache does.
+        ``tokens`` is rows x n at the n ``positions`` every row shares, or (``per_row``) rows x 1,
+        row r's one token at ``positions[r]``. Self-attention reads the first ``length`` positions
+        of the cache, all of them by default (a graph's step, whose position changes from replay
+        to replay); an eager call that knows its position reads no further, as openai-whisper's
+        growing cache does.
         """
         decoder, rows = self.model.decoder, tokens.shape[0]
         length = length or self.dims.n_text_ctx
-        x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions]).to(cache.dtype)
-        visible = self.key_positions[None, :length] <= positions[:, None]  # causal
+        embedded = decoder.positional_embedding[positions]
+        x = (decoder.token_embedding(tokens) + (embedded[:, None] if per_row else embedded)).to(cache.dtype)
+        # causal, as an additive mask made once a step (a boolean one is converted in every layer)
+        hidden = self.key_positions[None, :length] > positions[:, None]
+        if per_row:
+            hidden = hidden[:, None, None, :]  # rows x heads x queries x keys
+        mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, -torch.inf)
         for layer, block in enumerate(decoder.blocks):
-            h = block.attn_ln(x)
+            query, key, value = self._query_key_value(layer, self._norm(block.attn_ln, x))
             keys, values = cache.self_keys[layer][:rows, :length], cache.self_values[layer][:rows, :length]
-            keys.index_copy_(1, positions, block.attn.key(h))
-            values.index_copy_(1, positions, block.attn.value(h))
-            x = x + block.attn.out(self._attend(block.attn.query(h), keys, values, visible))
-            h = block.cross_attn_ln(x)
+            if per_row:
+                keys.index_put_((self._row_index[:rows], positions), key[:, 0])
+                values.index_put_((self._row_index[:rows], positions), value[:, 0])
+            else:
+                keys.index_copy_(1, positions, key)
+                values.index_copy_(1, positions, value)
+            x = x + block.attn.out(self._attend(query, keys, values, mask))
+            h = self._norm(block.cross_attn_ln, x)
             cross = self._attend(
                 block.cross_attn.query(h), cache.cross_keys[layer][:rows], cache.cross_values[layer][:rows], None
             )
             x = x + block.cross_attn.out(cross)
-            x = x + block.mlp(block.mlp_ln(x))
-        x = decoder.ln(x)
+            x = x + block.mlp(self._norm(block.mlp_ln, x))
+        x = self._norm(decoder.ln, x)
         return (x @ torch.transpose(decoder.token_embedding.weight.to(x.dtype), 0, 1)).float()
 
     def prefill(self, cache: DecoderCache, tokens: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
@@ -152,8 +221,24 @@ class StaticDecoder:
     def step(self, cache: DecoderCache, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Logits of one new token per row (``tokens`` is rows x 1) at ``position``."""
         if self.use_graphs and cache is self.cache:
-            return self._graph(tokens.shape[0]).run(tokens, position)
+            return self._graph(tokens.shape[0], per_row=False).run(tokens, position)
         return self.forward(cache, tokens, torch.tensor([position], device=tokens.device), position + 1)
+
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of one new token per row of the shared cache, row r's at ``positions[r]``."""
+        if self.use_graphs:
+            return self._graph(tokens.shape[0], per_row=True).run(tokens, positions)
+        return self.forward(self.cache, tokens, positions, per_row=True)
+
+    def place(self, source: DecoderCache, rows: torch.Tensor, length: int) -> None:
+        """Copy ``source``'s rows (their first ``length`` text positions) into the shared cache at ``rows``."""
+        cache = self.cache
+        for layer in range(self.dims.n_text_layer):
+            count = len(rows)
+            cache.cross_keys[layer].index_copy_(0, rows, source.cross_keys[layer][:count])
+            cache.cross_values[layer].index_copy_(0, rows, source.cross_values[layer][:count])
+            cache.self_keys[layer][:, :length].index_copy_(0, rows, source.self_keys[layer][:count, :length])
+            cache.self_values[layer][:, :length].index_copy_(0, rows, source.self_values[layer][:count, :length])
 
     def cache_for(self, rows: int, dtype: torch.dtype) -> DecoderCache:
         if rows <= self.cache.rows and dtype == self.dtype:

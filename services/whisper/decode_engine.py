@@ -1,0 +1,342 @@
+"""Continuous batching of Whisper windows: windows join and leave the running batch at any step.
+
+Why: a batch decoded as a whole runs until its longest window ends, and a window that arrives
+meanwhile waits for all of it. At large-v3 shapes on an H200, 32 concurrent recordings
+(101 windows) went to the GPU in batches of 1, 1, 50 and 49 windows, each costing 224 decoder
+steps: the batches of one cost as much time as the full ones. Here every window has a row
+of the static decoder's cache (``services.whisper.static_decoder``) and its own position; a
+new window's prompt is run (prefill) between two steps and it decodes from the next step on,
+beside the windows already running; a window that ends frees its row at once. The GPU runs
+one step for every window in flight, as vLLM's scheduler does for text.
+
+Each row follows openai-whisper's ``DecodingTask`` exactly: the same initial tokens, logit
+filters (``services.whisper.logit_filters``, per row), greedy choice or sampling, length
+limits and result fields; ``tests/unit/whisper/test_decode_engine.py`` checks the tokens
+against ``whisper.decode`` for windows that join at different steps. Windows the engine does
+not take (beam search, best-of, an unknown language) decode as a batch of their own
+(``services.whisper.decoding``).
+
+torch and openai-whisper only (no BentoML), so ``bench/whisper_gpu.py`` measures this code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+
+import torch
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, SuppressBlank, SuppressTokens
+from whisper.model import Whisper
+from whisper.tokenizer import Tokenizer
+from whisper.utils import compression_ratio
+
+from services.whisper.logit_filters import apply_timestamp_rules
+from services.whisper.static_decoder import DecoderCache, StaticDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What openai-whisper's ``DecodingTask`` derives from one set of options and a language."""
+
+    task: DecodingTask
+    initial_tokens: tuple[int, ...]
+    suppress: tuple[int, ...]
+    suppress_blank: bool
+    timestamps: bool
+    max_initial: int  # -1: no limit
+
+
+@dataclass
+class _Row:
+    window: torch.Tensor  # a log-mel, n_mels x 3000
+    options: DecodingOptions
+    language: str
+    future: Future[DecodingResult]
+    plan: _Plan | None = None
+    slot: int = -1
+    no_speech_prob: float = float("nan")
+
+
+class DecodeEngine:
+    """Decodes submitted windows on ``decoder``'s shared cache, one row each, on a thread of its own.
+
+    ``lock`` is held around every use of the model (a step, a prefill), so other model calls of
+    the service (language detection, word alignment) run between steps, not behind whole decodes.
+    """
+
+    def __init__(
+        self,
+        model: Whisper,
+        decoder: StaticDecoder,
+        lock: threading.Lock,
+        steps_between_checks: int = 4,
+        on_admitted: Callable[[int], None] | None = None,
+        on_steps: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_admitted(windows)`` after each prefill, ``on_steps(seconds)`` after each round of steps (metrics)."""
+        self.model, self.decoder, self.lock = model, decoder, lock
+        self.steps_between_checks = steps_between_checks
+        self.on_admitted, self.on_steps = on_admitted, on_steps
+        self.capacity = decoder.cache.rows
+        device, rows, n_ctx = decoder.device, self.capacity, model.dims.n_text_ctx
+        vocabulary = model.dims.n_vocab
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        # Per row: every token so far (initial, then sampled: one spare column past the context,
+        # as the package's loop may hold n_ctx + 1 tokens when it stops), the count, the first
+        # sampled position, and what the row's options ask of the filters and the sampler.
+        self.history = zeros(rows, n_ctx + 1)
+        self.length, self.sample_begin, self.sampled = zeros(rows), zeros(rows), zeros(rows)
+        self.sample_len, self.max_initial = zeros(rows), zeros(rows)
+        self.live = zeros(rows, dtype=torch.bool)
+        self.timestamps, self.suppress_blank = zeros(rows, dtype=torch.bool), zeros(rows, dtype=torch.bool)
+        self.suppress = zeros(rows, vocabulary, dtype=torch.bool)
+        self.temperature = zeros(rows, dtype=torch.float32)
+        self.sum_logprobs = zeros(rows, dtype=torch.float32)
+        self._rows: list[_Row | None] = [None] * rows
+        self._waiting: deque[_Row] = deque()
+        self._arrived = threading.Condition()
+        self._sampling = False  # whether any live row samples (the greedy path skips the sampler)
+        self._plans: dict[str, _Plan] = {}
+        self._blank: torch.Tensor | None = None
+        self._thread = threading.Thread(target=self._serve, name="whisper-decode", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def takes(options: DecodingOptions, language: str | None) -> bool:
+        """Whether the engine decodes these options (else the caller decodes them as a batch)."""
+        return language is not None and options.beam_size is None and options.best_of in (None, 1)
+
+    def submit(self, window: torch.Tensor, options: DecodingOptions, language: str) -> Future[DecodingResult]:
+        row = _Row(window, replace(options, language=language), language, Future())
+        with self._arrived:
+            self._waiting.append(row)
+            self._arrived.notify()
+        return row.future
+
+    @property
+    def in_flight(self) -> int:
+        return sum(row is not None for row in self._rows) + len(self._waiting)
+
+    # The loop
+
+    def _serve(self) -> None:
+        while True:
+            with self._arrived:
+                while not self._waiting and not any(self._rows):
+                    self._arrived.wait()
+            started = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    with self.lock:
+                        for _ in range(self.steps_between_checks):
+                            self._step()
+                    self._finish()
+                if self.on_steps is not None:
+                    self.on_steps(time.perf_counter() - started)
+            except Exception as exc:  # every window in flight gets the error; the engine goes on
+                log.exception("Whisper decode engine failed")
+                self._fail_all(exc)
+
+    def _free_slots(self) -> list[int]:
+        return [slot for slot, row in enumerate(self._rows) if row is None]
+
+    def _admit(self) -> None:
+        """Prefill waiting windows into free rows: encoder, cross-attention keys, initial tokens."""
+        free = self._free_slots()
+        admitted: list[_Row] = []
+        with self._arrived:
+            while self._waiting and len(admitted) < len(free):
+                row = self._waiting.popleft()
+                if row.future.set_running_or_notify_cancel():
+                    admitted.append(row)
+        if not admitted:
+            return
+        for row, slot in zip(admitted, free, strict=False):
+            row.slot, row.plan = slot, self._plan(row.options)
+            self._rows[slot] = row
+        # Windows whose initial tokens have the same length prefill together.
+        groups: dict[int, list[_Row]] = {}
+        for row in admitted:
+            assert row.plan is not None
+            groups.setdefault(len(row.plan.initial_tokens), []).append(row)
+        with self.lock:
+            for length, rows in groups.items():
+                self._prefill(rows, length)
+        if self.on_admitted is not None:
+            self.on_admitted(len(admitted))
+
+    def _prefill(self, rows: list[_Row], length: int) -> None:
+        device, decoder = self.decoder.device, self.decoder
+        mels = torch.stack([row.window for row in rows]).to(device, decoder.dtype)
+        audio_features = self.model.encoder(mels)
+        initial = torch.tensor([row.plan.initial_tokens for row in rows if row.plan], device=device)
+        audio_features = audio_features.to(decoder.dtype)
+        scratch = DecoderCache(self.model.dims, len(rows), decoder.dtype, device)
+        logits = decoder.prefill(scratch, initial, audio_features)
+        slots = torch.tensor([row.slot for row in rows], device=device)
+        decoder.place(scratch, slots, length)
+
+        no_speech = self._no_speech_probs(rows, logits)
+        for i, (row, probability) in enumerate(zip(rows, no_speech, strict=True)):
+            row.no_speech_prob = probability
+            plan = row.plan
+            assert plan is not None
+            slot, options = row.slot, row.options
+            self.history[slot, :length] = initial[i]
+            self.length[slot], self.sample_begin[slot], self.sampled[slot] = length, length, 0
+            self.sample_len[slot] = plan.task.sample_len
+            self.max_initial[slot] = plan.max_initial
+            self.timestamps[slot], self.suppress_blank[slot] = plan.timestamps, plan.suppress_blank
+            self.suppress[slot] = False
+            self.suppress[slot, list(plan.suppress)] = True
+            self.temperature[slot] = options.temperature
+            self.sum_logprobs[slot] = 0.0
+            self.live[slot] = True
+        self._sampling = any(row is not None and row.options.temperature > 0 for row in self._rows)
+        self._advance(slots, logits[:, -1])
+
+    def _no_speech_probs(self, rows: list[_Row], logits: torch.Tensor) -> list[float]:
+        probabilities = []
+        for i, row in enumerate(rows):
+            assert row.plan is not None
+            tokenizer = row.plan.task.tokenizer
+            if tokenizer.no_speech is None:
+                probabilities.append(float("nan"))
+                continue
+            at_sot = logits[i, row.plan.task.sot_index].float().softmax(dim=-1)
+            probabilities.append(at_sot[tokenizer.no_speech].item())
+        return probabilities
+
+    def _step(self) -> None:
+        """One token for every row in use, on the graph of the smallest captured size that holds them."""
+        used = [slot for slot, row in enumerate(self._rows) if row is not None]
+        if not used:
+            return
+        size = self.decoder.size_for(used[-1] + 1)
+        slots = torch.arange(size, device=self.decoder.device)
+        live = self.live[:size]
+        last = self.history[:size].gather(1, (self.length[:size] - 1).clamp(min=0)[:, None])
+        positions = torch.where(live, self.length[:size] - 1, 0)  # rows not in use: a harmless write at 0
+        logits = self.decoder.step_rows(torch.where(live[:, None], last, 0), positions)
+        self._advance(slots, logits[:, -1])
+
+    def _advance(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
+        """The package's filters and choice on each row's logits, then its next token appended."""
+        live = self.live[slots]
+        length, sample_begin = self.length[slots], self.sample_begin[slots]
+        history = self.history[slots]
+        first = length == sample_begin
+        logits.masked_fill_(self.suppress[slots], -torch.inf)  # SuppressBlank comes first in the package,
+        blank = first & self.suppress_blank[slots]  # but both only mask: the order does not matter
+        logits.masked_fill_(blank[:, None] & self._blank_columns(logits.shape[1]), -torch.inf)
+        tokenizer = self._tokenizer()
+        apply_timestamp_rules(
+            logits, history, sample_begin, length, self.max_initial[slots], self.timestamps[slots], tokenizer
+        )
+        next_tokens = logits.argmax(dim=-1)
+        if self._sampling:
+            temperature = self.temperature[slots]
+            sampling = temperature > 0
+            scaled = logits / torch.where(sampling, temperature, 1.0)[:, None]
+            sampled = torch.distributions.Categorical(logits=scaled).sample()
+            next_tokens = torch.where(sampling, sampled, next_tokens)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        self.sum_logprobs[slots] += torch.where(live, logprobs.gather(1, next_tokens[:, None])[:, 0], 0.0)
+        at = length.clamp(max=self.history.shape[1] - 1)
+        kept = history.gather(1, at[:, None])[:, 0]
+        self.history[slots] = history.scatter(1, at[:, None], torch.where(live, next_tokens, kept)[:, None])
+        self.length[slots] = length + live
+        sampled = self.sampled[slots] + live
+        self.sampled[slots] = sampled
+        ended = (next_tokens == tokenizer.eot) | (sampled >= self.sample_len[slots])
+        ended |= length + 1 > self.model.dims.n_text_ctx
+        self.live[slots] = live & ~ended
+
+    def _finish(self) -> None:
+        """Answer the windows that ended, and free their rows."""
+        live = self.live.tolist()
+        for slot, row in enumerate(self._rows):
+            if row is None or live[slot]:
+                continue
+            self._rows[slot] = None
+            if not row.future.cancelled():
+                row.future.set_result(self._result(row))
+
+    def _result(self, row: _Row) -> DecodingResult:
+        assert row.plan is not None
+        task, slot = row.plan.task, row.slot
+        begin, length = int(self.sample_begin[slot]), int(self.length[slot])
+        tokens = self.history[slot, begin:length].tolist()
+        eot = task.tokenizer.eot
+        tokens = tokens[: tokens.index(eot)] if eot in tokens else tokens
+        text = task.tokenizer.decode(tokens).strip()
+        return DecodingResult(
+            audio_features=torch.empty(0),
+            language=row.language,
+            tokens=tokens,
+            text=text,
+            avg_logprob=float(self.sum_logprobs[slot]) / (len(tokens) + 1),
+            no_speech_prob=row.no_speech_prob,
+            temperature=row.options.temperature,
+            compression_ratio=compression_ratio(text),
+        )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self.live.zero_()
+        for slot, row in enumerate(self._rows):
+            if row is not None and not row.future.done():
+                row.future.set_exception(exc)
+            self._rows[slot] = None
+
+    # What the package derives from options
+
+    def _plan(self, options: DecodingOptions) -> _Plan:
+        key = repr(options)
+        if key not in self._plans:
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[key] = _plan(self.model, options)
+        return self._plans[key]
+
+    def _tokenizer(self) -> Tokenizer:
+        """A row's tokenizer: the special tokens the filters use are the same for every language and task."""
+        row = next(row for row in self._rows if row is not None)
+        assert row.plan is not None
+        return row.plan.task.tokenizer
+
+    def _blank_columns(self, vocabulary: int) -> torch.Tensor:
+        """SuppressBlank's tokens (a space, end of text), as a mask made once."""
+        if self._blank is None:
+            tokenizer = self._tokenizer()
+            self._blank = torch.zeros(vocabulary, dtype=torch.bool, device=self.decoder.device)
+            self._blank[tokenizer.encode(" ") + [tokenizer.eot]] = True
+        return self._blank
+
+
+def _plan(model: Whisper, options: DecodingOptions) -> _Plan:
+    task = DecodingTask(model, options)
+    suppress: tuple[int, ...] = ()
+    suppress_blank = False
+    for logit_filter in task.logit_filters:
+        if isinstance(logit_filter, SuppressTokens):
+            suppress = tuple(logit_filter.suppress_tokens)
+        elif isinstance(logit_filter, SuppressBlank):
+            suppress_blank = True
+    timestamps = not options.without_timestamps
+    max_initial = -1
+    if timestamps:
+        rules = task.logit_filters[-1]
+        index = getattr(rules, "max_initial_timestamp_index", None)
+        max_initial = -1 if index is None else index
+    return _Plan(task, tuple(task.initial_tokens), suppress, suppress_blank, timestamps, max_initial)

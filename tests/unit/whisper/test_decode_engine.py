@@ -1,0 +1,91 @@
+"""The continuous decode engine gives every window openai-whisper's own ``decode`` result, whether
+it decodes alone or joins rows already decoding (at another position, with other options)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import whisper
+from whisper.decoding import DecodingOptions
+
+from bentos.tiny.whisper import CHECKPOINT, generate
+from services.whisper.decode_engine import DecodeEngine
+from services.whisper.static_decoder import StaticDecoder
+from tests.unit.whisper.test_static_decoding import mels
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> whisper.Whisper:
+    folder = tmp_path_factory.mktemp("whisper")
+    generate(folder, seed=0)
+    return whisper.load_model(str(folder / CHECKPOINT), device="cpu").eval()
+
+
+def engine_for(model: whisper.Whisper, capacity: int) -> DecodeEngine:
+    decoder = StaticDecoder(model, capacity=capacity, dtype=torch.float32, use_graphs=False)
+    return DecodeEngine(model, decoder, threading.Lock(), steps_between_checks=2)
+
+
+def assert_same(result, expected) -> None:
+    assert result.tokens == expected.tokens
+    assert result.text == expected.text
+    assert result.language == expected.language
+    np.testing.assert_allclose(result.avg_logprob, expected.avg_logprob, atol=1e-4)
+    np.testing.assert_allclose(result.no_speech_prob, expected.no_speech_prob, atol=1e-5)
+
+
+def test_windows_joining_a_running_decode_get_whisper_decode_s_tokens(model):
+    windows = mels(model, 5)
+    options = [
+        DecodingOptions(language="en", fp16=False),
+        DecodingOptions(language="de", fp16=False, without_timestamps=True),
+        DecodingOptions(language="fr", fp16=False, prompt="Ein Satz davor", max_initial_timestamp=0.5),
+        DecodingOptions(language="en", fp16=False, task="translate", sample_len=40),
+        DecodingOptions(language="ja", fp16=False, suppress_blank=False),
+    ]
+    expected = [whisper.decode(model, w, o) for w, o in zip(windows, options, strict=True)]
+    assert any(len(e.tokens) > 20 for e in expected)  # real decoding, long enough to be joined
+
+    engine = engine_for(model, capacity=4)  # five windows, four rows: the last waits for a free one
+    first = engine.submit(windows[0], options[0], "en")
+    time.sleep(0.05)
+    assert not first.done()  # the others join it mid-decode
+    rest = [engine.submit(w, o, o.language) for w, o in zip(windows[1:], options[1:], strict=True)]
+    for future, want in zip([first, *rest], expected, strict=True):
+        assert_same(future.result(timeout=120), want)
+    assert engine.in_flight == 0
+
+
+def test_rows_freed_by_one_decode_serve_the_next_with_the_same_results(model):
+    windows, options = mels(model, 3), DecodingOptions(language="en", fp16=False, sample_len=30)
+    expected = [whisper.decode(model, w, options) for w in windows]
+    engine = engine_for(model, capacity=2)
+    for _ in range(2):  # the second pass runs over rows (and cache) the first one left
+        futures = [engine.submit(w, options, "en") for w in windows]
+        for future, want in zip(futures, expected, strict=True):
+            assert_same(future.result(timeout=120), want)
+
+
+def test_sampling_rows_beside_greedy_rows_leave_the_greedy_ones_exact(model):
+    windows = mels(model, 2)
+    greedy, sampling = (
+        DecodingOptions(language="en", fp16=False),
+        DecodingOptions(language="en", fp16=False, temperature=0.8),
+    )
+    expected = whisper.decode(model, windows[0], greedy)
+    engine = engine_for(model, capacity=2)
+    sampled = engine.submit(windows[1], sampling, "en")
+    assert_same(engine.submit(windows[0], greedy, "en").result(timeout=120), expected)
+    result = sampled.result(timeout=120)
+    assert result.temperature == 0.8 and np.isfinite(result.avg_logprob)
+
+
+def test_what_the_engine_leaves_to_the_batch_path():
+    assert DecodeEngine.takes(DecodingOptions(language="en"), "en")
+    assert not DecodeEngine.takes(DecodingOptions(beam_size=5), "en")
+    assert not DecodeEngine.takes(DecodingOptions(best_of=5, temperature=0.5), "en")
+    assert not DecodeEngine.takes(DecodingOptions(), None)  # language detection is the package's
