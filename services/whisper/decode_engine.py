@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, SuppressBlank, SuppressTokens
 from whisper.model import Whisper
-from whisper.tokenizer import Tokenizer
+from whisper.tokenizer import get_tokenizer
 from whisper.utils import compression_ratio
 
 from services.whisper.logit_filters import apply_timestamp_rules
@@ -107,7 +107,11 @@ class DecodeEngine:
         self._arrived = threading.Condition()
         self._sampling = False  # whether any live row samples (the greedy path skips the sampler)
         self._plans: dict[str, _Plan] = {}
-        self._blank: torch.Tensor | None = None
+        # The special tokens the filters use are the same for every language and task.
+        self.tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+        self._blank = torch.zeros(vocabulary, dtype=torch.bool, device=device)  # SuppressBlank's tokens
+        self._blank[self.tokenizer.encode(" ") + [self.tokenizer.eot]] = True
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._thread = threading.Thread(target=self._serve, name="whisper-decode", daemon=True)
         self._thread.start()
 
@@ -218,29 +222,62 @@ class DecodeEngine:
             probabilities.append(at_sot[tokenizer.no_speech].item())
         return probabilities
 
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture a whole greedy step (decoder, filters, choice, bookkeeping) at each batch size as
+        one CUDA graph: with the step's few hundred small operations replayed at once, the GPU
+        never waits on Python. Only before the first window (nothing may be decoding)."""
+        if not self.decoder.use_graphs:
+            return
+        try:
+            self._capture()
+        except Exception:  # the steps then run eagerly: slower, the same tokens
+            log.exception("capturing the decode step failed; decoding without CUDA graphs")
+            self._graphs.clear()
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture; with no row live, a step changes nothing
+            for size in self.decoder.sizes:
+                self._step_rows(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        for size in self.decoder.sizes:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.decoder.pool):
+                self._step_rows(size)
+            self._graphs[size] = graph
+
     def _step(self) -> None:
-        """One token for every row in use, on the graph of the smallest captured size that holds them."""
+        """One token for every row in use, at the smallest captured size that holds them."""
         used = [slot for slot, row in enumerate(self._rows) if row is not None]
         if not used:
             return
         size = self.decoder.size_for(used[-1] + 1)
-        slots = torch.arange(size, device=self.decoder.device)
+        if size in self._graphs and not self._sampling:
+            self._graphs[size].replay()
+        else:
+            self._step_rows(size)
+
+    def _step_rows(self, size: int) -> None:
         live = self.live[:size]
         last = self.history[:size].gather(1, (self.length[:size] - 1).clamp(min=0)[:, None])
         positions = torch.where(live, self.length[:size] - 1, 0)  # rows not in use: a harmless write at 0
-        logits = self.decoder.step_rows(torch.where(live[:, None], last, 0), positions)
-        self._advance(slots, logits[:, -1])
+        tokens = torch.where(live[:, None], last, 0)
+        logits = self.decoder.forward(self.decoder.cache, tokens, positions, per_row=True)
+        self._advance(slice(0, size), logits[:, -1])
 
-    def _advance(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
-        """The package's filters and choice on each row's logits, then its next token appended."""
+    def _advance(self, slots: torch.Tensor | slice, logits: torch.Tensor) -> None:
+        """The package's filters and choice on each row's logits, then its next token appended
+        (state written in place: a slice of rows in a captured step, given rows at a prefill)."""
         live = self.live[slots]
         length, sample_begin = self.length[slots], self.sample_begin[slots]
         history = self.history[slots]
         first = length == sample_begin
         logits.masked_fill_(self.suppress[slots], -torch.inf)  # SuppressBlank comes first in the package,
         blank = first & self.suppress_blank[slots]  # but both only mask: the order does not matter
-        logits.masked_fill_(blank[:, None] & self._blank_columns(logits.shape[1]), -torch.inf)
-        tokenizer = self._tokenizer()
+        logits.masked_fill_(blank[:, None] & self._blank, -torch.inf)
+        tokenizer = self.tokenizer
         apply_timestamp_rules(
             logits, history, sample_begin, length, self.max_initial[slots], self.timestamps[slots], tokenizer
         )
@@ -252,16 +289,19 @@ class DecodeEngine:
             sampled = torch.distributions.Categorical(logits=scaled).sample()
             next_tokens = torch.where(sampling, sampled, next_tokens)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        self.sum_logprobs[slots] += torch.where(live, logprobs.gather(1, next_tokens[:, None])[:, 0], 0.0)
-        at = length.clamp(max=self.history.shape[1] - 1)
-        kept = history.gather(1, at[:, None])[:, 0]
-        self.history[slots] = history.scatter(1, at[:, None], torch.where(live, next_tokens, kept)[:, None])
-        self.length[slots] = length + live
+        # Everything from the state before any of it is written: with a slice, the reads are views.
         sampled = self.sampled[slots] + live
-        self.sampled[slots] = sampled
         ended = (next_tokens == tokenizer.eot) | (sampled >= self.sample_len[slots])
         ended |= length + 1 > self.model.dims.n_text_ctx
-        self.live[slots] = live & ~ended
+        still_live, grown = live & ~ended, length + live
+        at = length.clamp(max=self.history.shape[1] - 1)
+        kept = history.gather(1, at[:, None])[:, 0]
+        appended = history.scatter(1, at[:, None], torch.where(live, next_tokens, kept)[:, None])
+        self.sum_logprobs[slots] += torch.where(live, logprobs.gather(1, next_tokens[:, None])[:, 0], 0.0)
+        self.history[slots] = appended
+        self.length[slots] = grown
+        self.sampled[slots] = sampled
+        self.live[slots] = still_live
 
     def _finish(self) -> None:
         """Answer the windows that ended, and free their rows."""
@@ -308,20 +348,6 @@ class DecodeEngine:
                 self._plans.clear()
             self._plans[key] = _plan(self.model, options)
         return self._plans[key]
-
-    def _tokenizer(self) -> Tokenizer:
-        """A row's tokenizer: the special tokens the filters use are the same for every language and task."""
-        row = next(row for row in self._rows if row is not None)
-        assert row.plan is not None
-        return row.plan.task.tokenizer
-
-    def _blank_columns(self, vocabulary: int) -> torch.Tensor:
-        """SuppressBlank's tokens (a space, end of text), as a mask made once."""
-        if self._blank is None:
-            tokenizer = self._tokenizer()
-            self._blank = torch.zeros(vocabulary, dtype=torch.bool, device=self.decoder.device)
-            self._blank[tokenizer.encode(" ") + [tokenizer.eot]] = True
-        return self._blank
 
 
 def _plan(model: Whisper, options: DecodingOptions) -> _Plan:

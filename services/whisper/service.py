@@ -139,7 +139,10 @@ class Whisper:
         silence = torch.zeros(settings.whisper_max_batch_size, self.model.dims.n_mels, 3000)
         options = DecodingOptions(language="en", sample_len=2, fp16=True)
         with torch.no_grad():
-            self.static_decoder.capture(per_row=self.engine is not None)
+            if self.engine is not None:
+                self.engine.capture()
+            else:
+                self.static_decoder.capture()
             for rows in self.static_decoder.sizes:
                 if self.engine is not None:
                     futures = [self.engine.submit(window, options, "en") for window in silence[:rows]]

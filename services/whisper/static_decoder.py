@@ -50,31 +50,26 @@ class DecoderCache:
 
 
 class _StepGraph:
-    """One decoder step for ``rows`` rows, captured: fixed input and output buffers. The rows share
-    one position, or (``per_row``) each has its own, as rows that joined at different steps do."""
+    """One decoder step for ``rows`` rows at one shared position, captured: fixed input and output buffers."""
 
-    def __init__(self, decoder: StaticDecoder, cache: DecoderCache, rows: int, per_row: bool, pool: Any) -> None:
+    def __init__(self, decoder: StaticDecoder, cache: DecoderCache, rows: int, pool: Any) -> None:
         device = decoder.key_positions.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows if per_row else 1, dtype=torch.long, device=device)
-        self.per_row = per_row
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the capture, as torch.cuda.graph requires
             for _ in range(2):
-                decoder.forward(cache, self.tokens, self.positions, per_row=per_row)
+                decoder.forward(cache, self.tokens, self.position)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = decoder.forward(cache, self.tokens, self.positions, per_row=per_row)
+            self.logits = decoder.forward(cache, self.tokens, self.position)
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         rows = tokens.shape[0]
         self.tokens[:rows].copy_(tokens)
-        if isinstance(positions, int):
-            self.positions.fill_(positions)
-        else:
-            self.positions[:rows].copy_(positions)
+        self.position.fill_(position)
         self.graph.replay()
         return self.logits[:rows]  # rows past the batch are padding: stale, finite, never read
 
@@ -93,9 +88,9 @@ class StaticDecoder:
         self.key_positions = torch.arange(self.dims.n_text_ctx, device=self.device)
         self.cache = DecoderCache(self.dims, capacity, dtype, self.device)
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, bool], _StepGraph] = {}
+        self._graphs: dict[int, _StepGraph] = {}
         self._row_index = torch.arange(capacity, device=self.device)
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.sizes = sorted({min(2**i, capacity) for i in range(capacity.bit_length() + 1)})
         self._fuse_kernels()
 
@@ -142,17 +137,17 @@ class StaticDecoder:
         return attn.query(h), attn.key(h), attn.value(h)
 
     @torch.no_grad()
-    def capture(self, per_row: bool = False) -> None:
+    def capture(self) -> None:
         """Capture every batch size's step now, so that no request pays for it (nothing may be decoding)."""
         if self.use_graphs:
             for rows in self.sizes:
-                self._graph(rows, per_row)
+                self._graph(rows)
 
-    def _graph(self, rows: int, per_row: bool) -> _StepGraph:
+    def _graph(self, rows: int) -> _StepGraph:
         size = self.size_for(rows)
-        if (size, per_row) not in self._graphs:
-            self._graphs[size, per_row] = _StepGraph(self, self.cache, size, per_row, self._pool)
-        return self._graphs[size, per_row]
+        if size not in self._graphs:
+            self._graphs[size] = _StepGraph(self, self.cache, size, self.pool)
+        return self._graphs[size]
 
     def size_for(self, rows: int) -> int:
         """The batch size a step of ``rows`` rows runs at: the next captured one."""
@@ -221,14 +216,8 @@ class StaticDecoder:
     def step(self, cache: DecoderCache, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Logits of one new token per row (``tokens`` is rows x 1) at ``position``."""
         if self.use_graphs and cache is self.cache:
-            return self._graph(tokens.shape[0], per_row=False).run(tokens, position)
+            return self._graph(tokens.shape[0]).run(tokens, position)
         return self.forward(cache, tokens, torch.tensor([position], device=tokens.device), position + 1)
-
-    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits of one new token per row of the shared cache, row r's at ``positions[r]``."""
-        if self.use_graphs:
-            return self._graph(tokens.shape[0], per_row=True).run(tokens, positions)
-        return self.forward(self.cache, tokens, positions, per_row=True)
 
     def place(self, source: DecoderCache, rows: torch.Tensor, length: int) -> None:
         """Copy ``source``'s rows (their first ``length`` text positions) into the shared cache at ``rows``."""
