@@ -474,8 +474,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for name, served_results in results["served"].items():
         for level in ("1 at a time", "8 concurrent", "32 concurrent"):
             if level in served_results:
-                bars[f"service {name}\n{level}"] = served_results[level]["audio_s_per_s"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(bars)), 4))
+                bars[f"service, {name.split(',')[0]}\n{level}"] = served_results[level]["audio_s_per_s"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(bars)), 4.5))
     ax.bar(list(bars), list(bars.values()), color="tab:blue")
     ax.set_ylabel("audio seconds per wall second")
     ax.set_title(f"Whisper large-v3 shape, random weights, 224 tokens/window ({results['gpu']})")

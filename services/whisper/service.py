@@ -1,23 +1,22 @@
-"""Whisper model service: openai-whisper's model, batched over 30-second windows.
+"""Whisper model service: openai-whisper's model, decoding 30-second windows from every request together.
 
-Whisper hears audio in fixed 30-second log-mel windows, and openai-whisper's ``decode`` takes
-a batch of them. This service holds the model and nothing else: the per-request algorithm
-(``whisper.transcribe``'s seeking, fallbacks and timestamp rules) runs in the entry service
-(``services.whisper.api``), which sends each window it needs decoded here. BentoML's adaptive
-batcher merges the windows of every request in flight, from different requests and from the
-chunks of one long recording alike, into one ``decode_windows`` call; that call groups them
-by ``DecodingOptions`` (one decoding task takes one set) and runs a single batched encoder
-and decoder pass per group. The language is not part of the grouping: windows in different
-languages share a pass, each row starting with its own language token (``services.whisper.decoding``).
-Greedy decoding of a batch gives each window the tokens it gets alone: rows never interact.
-Greedy and sampled decoding run over ``services.whisper.static_decoder`` (keys and values in
-fixed buffers, each step one CUDA graph on a GPU) unless ``MULTIMODAL_WHISPER_DECODER=reference``:
-openai-whisper's own step loop is launch-bound on a GPU, the GPU idle most of each step.
+Whisper hears audio in fixed 30-second log-mel windows. This service holds the model and nothing
+else: the per-request algorithm (``whisper.transcribe``'s seeking, fallbacks and timestamp rules)
+runs in the entry service (``services.whisper.api``), which sends each window it needs decoded
+here, from different requests and from the chunks of one long recording alike.
+
+By default (``MULTIMODAL_WHISPER_DECODER=continuous``) each window joins the batch running on the
+model at the next step and leaves it when it ends (``services.whisper.decode_engine``), over a KV
+cache of fixed size whose every step is one CUDA graph on a GPU (``services.whisper.static_decoder``).
+``static`` decodes BentoML's batches whole on the same cache, grouped by ``DecodingOptions``;
+``reference`` runs openai-whisper's own step loop, launch-bound on a GPU. Windows in different
+languages share a pass, each row starting with its own language token. Every window gets the
+tokens it gets alone: rows never interact.
 
 On a GPU, the Linear, Conv1d and Embedding weights are stored in fp16 once: openai-whisper
-otherwise casts fp32 parameters to fp16 on every forward, which makes a decoder step ~3x
-slower (57 ms against 16-17 ms at large-v3 shapes on an H200; bench/whisper_gpu_decode.py
-measures it); LayerNorm stays fp32, as openai-whisper computes it in fp32 anyway.
+otherwise casts fp32 parameters to fp16 on every forward, which makes a decoder step ~3x slower
+(57 ms against 16-17 ms at large-v3 shapes on an H200, measured in session 5); LayerNorm stays
+fp32, as openai-whisper computes it in fp32 anyway.
 """
 
 from __future__ import annotations
