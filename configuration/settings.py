@@ -111,11 +111,12 @@ class Settings(BaseSettings):
         "`sequential` runs openai-whisper's `transcribe` over the whole file (its text exactly, one window at "
         "a time). A request's `long_audio` form field overrides it.",
     )
-    whisper_decoder: Literal["continuous", "static", "reference"] = Field(
-        "continuous",
+    whisper_decoder: Literal["auto", "continuous", "static", "reference"] = Field(
+        "auto",
         description="`continuous`: windows join and leave the running batch at every step "
         "(services/whisper/decode_engine.py); `static`: batches decoded whole; both over a fixed-size KV cache, "
-        "each step one CUDA graph on a GPU, with openai-whisper's tokens; `reference`: openai-whisper's own step loop.",
+        "each step one CUDA graph on a GPU, with openai-whisper's tokens; `reference`: openai-whisper's own step "
+        "loop; `auto`: `continuous` on a GPU, `reference` on a CPU (where the package's loop is fastest).",
     )
     whisper_temperature_fallback: bool = Field(
         False,

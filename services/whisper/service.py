@@ -5,11 +5,11 @@ else: the per-request algorithm (``whisper.transcribe``'s seeking, fallbacks and
 runs in the entry service (``services.whisper.api``), which sends each window it needs decoded
 here, from different requests and from the chunks of one long recording alike.
 
-By default (``MULTIMODAL_WHISPER_DECODER=continuous``) each window joins the batch running on the
+On a GPU, by default (``MULTIMODAL_WHISPER_DECODER=continuous``), each window joins the batch running on the
 model at the next step and leaves it when it ends (``services.whisper.decode_engine``), over a KV
 cache of fixed size whose every step is one CUDA graph on a GPU (``services.whisper.static_decoder``).
 ``static`` decodes BentoML's batches whole on the same cache, grouped by ``DecodingOptions``;
-``reference`` runs openai-whisper's own step loop, launch-bound on a GPU. Windows in different
+``reference`` runs openai-whisper's own step loop, launch-bound on a GPU, the default on a CPU. Windows in different
 languages share a pass, each row starting with its own language token. Every window gets the
 tokens it gets alone: rows never interact.
 
@@ -41,7 +41,7 @@ from whisper.tokenizer import get_tokenizer
 from configuration.profiles import model_spec
 from configuration.settings import get_settings
 from services.common import metrics
-from services.common.device import torch_device
+from services.common.device import torch_device, uses_gpu
 from services.common.model_service import batched_api, model_service
 from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
@@ -53,6 +53,11 @@ from services.whisper.static_decoder import StaticDecoder
 
 log = logging.getLogger(__name__)
 settings = get_settings()
+# On a CPU, openai-whisper's own loop is the fastest (a step there is the model's arithmetic, not
+# kernel launches); on a GPU, windows join the running batch step by step.
+DECODER = settings.whisper_decoder
+if DECODER == "auto":
+    DECODER = "continuous" if uses_gpu() else "reference"
 # Batches of 30-second windows from every request (a plain API at a max batch size of 1).
 window_api = batched_api(settings.whisper_max_batch_size, settings.whisper_max_latency_ms)
 
@@ -88,11 +93,11 @@ class Whisper:
         self._lock = threading.Lock()
         self.static_decoder: StaticDecoder | None = None
         self.engine: DecodeEngine | None = None
-        if settings.whisper_decoder != "reference":
+        if DECODER != "reference":
             self.static_decoder = StaticDecoder(
                 self.model, settings.whisper_max_batch_size, self.dtype, use_graphs=self.device.type == "cuda"
             )
-        if settings.whisper_decoder == "continuous":
+        if DECODER == "continuous":
             assert self.static_decoder is not None
             self.engine = DecodeEngine(
                 self.model, self.static_decoder, self._lock, on_admitted=self._admitted, on_steps=self._stepped
@@ -186,7 +191,7 @@ class Whisper:
             results[i] = _window_result(decoded)
         return results  # type: ignore[return-value]
 
-    if settings.whisper_decoder == "continuous":
+    if DECODER == "continuous":
 
         @bentoml.api
         async def decode_windows(self, jobs: list[WindowJob]) -> list[WindowResult]:
