@@ -7,22 +7,13 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import torch
 import whisper
 from whisper.decoding import DecodingOptions
 
-from bentos.tiny.whisper import CHECKPOINT, generate
 from services.whisper.decode_engine import DecodeEngine
 from services.whisper.static_decoder import StaticDecoder
-from tests.unit.whisper.test_static_decoding import mels
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> whisper.Whisper:
-    folder = tmp_path_factory.mktemp("whisper")
-    generate(folder, seed=0)
-    return whisper.load_model(str(folder / CHECKPOINT), device="cpu").eval()
+from tests.unit.whisper.conftest import chirp_mels
 
 
 def engine_for(model: whisper.Whisper, capacity: int) -> DecodeEngine:
@@ -39,7 +30,7 @@ def assert_same(result, expected) -> None:
 
 
 def test_windows_joining_a_running_decode_get_whisper_decode_s_tokens(model):
-    windows = mels(model, 5)
+    windows = chirp_mels(model, 5)
     options = [
         DecodingOptions(language="en", fp16=False),
         DecodingOptions(language="de", fp16=False, without_timestamps=True),
@@ -61,7 +52,7 @@ def test_windows_joining_a_running_decode_get_whisper_decode_s_tokens(model):
 
 
 def test_rows_freed_by_one_decode_serve_the_next_with_the_same_results(model):
-    windows, options = mels(model, 3), DecodingOptions(language="en", fp16=False, sample_len=30)
+    windows, options = chirp_mels(model, 3), DecodingOptions(language="en", fp16=False, sample_len=30)
     expected = [whisper.decode(model, w, options) for w in windows]
     engine = engine_for(model, capacity=2)
     for _ in range(2):  # the second pass runs over rows (and cache) the first one left
@@ -71,7 +62,7 @@ def test_rows_freed_by_one_decode_serve_the_next_with_the_same_results(model):
 
 
 def test_sampling_rows_beside_greedy_rows_leave_the_greedy_ones_exact(model):
-    windows = mels(model, 2)
+    windows = chirp_mels(model, 2)
     greedy, sampling = (
         DecodingOptions(language="en", fp16=False),
         DecodingOptions(language="en", fp16=False, temperature=0.8),

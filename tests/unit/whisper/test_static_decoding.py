@@ -14,31 +14,10 @@ import whisper
 from whisper.decoding import ApplyTimestampRules, DecodingOptions, SuppressTokens
 from whisper.tokenizer import get_tokenizer
 
-from bentos.tiny.whisper import CHECKPOINT, generate
 from services.whisper.decoding import BatchDecodingTask
 from services.whisper.logit_filters import BatchedTimestampRules, SuppressTokensOnDevice
 from services.whisper.static_decoder import StaticDecoder
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> whisper.Whisper:
-    folder = tmp_path_factory.mktemp("whisper")
-    generate(folder, seed=0)
-    return whisper.load_model(str(folder / CHECKPOINT), device="cpu").eval()
-
-
-def mels(model: whisper.Whisper, count: int) -> torch.Tensor:
-    """Log-mels of ``count`` different seconds-long sounds (chirps in noise), padded to 30 s."""
-    rng = np.random.default_rng(7)
-    windows = []
-    for i in range(count):
-        seconds = 2 + 3 * i
-        t = np.arange(16_000 * seconds) / 16_000
-        audio = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t * (1 + t)) + 0.05 * rng.standard_normal(t.size)
-        audio = whisper.pad_or_trim(torch.from_numpy(audio.astype(np.float32)))
-        windows.append(whisper.log_mel_spectrogram(audio, model.dims.n_mels))
-    return torch.stack(windows)
-
+from tests.unit.whisper.conftest import chirp_mels
 
 OPTIONS = {
     "timestamps": DecodingOptions(language="en", fp16=False),
@@ -51,7 +30,7 @@ OPTIONS = {
 @pytest.mark.parametrize("name", OPTIONS)
 @pytest.mark.parametrize("capacity", [8, 2])  # 2: the batch of 5 is larger than the cache, decoded over one of its own
 def test_static_decoding_gives_whisper_decode_s_tokens(model, name, capacity):
-    options, batch = OPTIONS[name], mels(model, 5)
+    options, batch = OPTIONS[name], chirp_mels(model, 5)
     expected = whisper.decode(model, batch, options)
     decoder = StaticDecoder(model, capacity=capacity, dtype=torch.float32, use_graphs=False)
     for _ in range(2):  # the second decode runs over the first one's stale cache
@@ -65,7 +44,7 @@ def test_static_decoding_gives_whisper_decode_s_tokens(model, name, capacity):
 
 def test_mixed_languages_on_the_static_decoder_equal_each_window_alone(model):
     languages = ["en", "de", "ja", "en"]
-    batch, options = mels(model, 4), DecodingOptions(fp16=False, sample_len=60)
+    batch, options = chirp_mels(model, 4), DecodingOptions(fp16=False, sample_len=60)
     decoder = StaticDecoder(model, capacity=4, dtype=torch.float32, use_graphs=False)
     decoded = BatchDecodingTask(model, options, languages=languages, static_decoder=decoder).run(batch)
     for window, language, result in zip(batch, languages, decoded, strict=True):
