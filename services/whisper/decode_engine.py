@@ -46,7 +46,6 @@ class _Plan:
     """What openai-whisper's ``DecodingTask`` derives from one set of options and a language."""
 
     task: DecodingTask
-    initial_tokens: tuple[int, ...]
     suppress: tuple[int, ...]
     suppress_blank: bool
     timestamps: bool
@@ -56,8 +55,7 @@ class _Plan:
 @dataclass
 class _Row:
     window: torch.Tensor  # a log-mel, n_mels x 3000
-    options: DecodingOptions
-    language: str
+    options: DecodingOptions  # with the window's language
     future: Future[DecodingResult]
     plan: _Plan | None = None
     slot: int = -1
@@ -121,7 +119,7 @@ class DecodeEngine:
         return language is not None and options.beam_size is None and options.best_of in (None, 1)
 
     def submit(self, window: torch.Tensor, options: DecodingOptions, language: str) -> Future[DecodingResult]:
-        row = _Row(window, replace(options, language=language), language, Future())
+        row = _Row(window, replace(options, language=language), Future())
         with self._arrived:
             self._waiting.append(row)
             self._arrived.notify()
@@ -143,8 +141,9 @@ class DecodeEngine:
                 with torch.no_grad():
                     self._admit()
                     with self.lock:
-                        for _ in range(self.steps_between_checks):
-                            self._step()
+                        size = self._step_size()
+                        for _ in range(self.steps_between_checks if size else 0):
+                            self._step(size)
                     self._finish()
                 if self.on_steps is not None:
                     self.on_steps(time.perf_counter() - started)
@@ -173,7 +172,7 @@ class DecodeEngine:
         groups: dict[int, list[_Row]] = {}
         for row in admitted:
             assert row.plan is not None
-            groups.setdefault(len(row.plan.initial_tokens), []).append(row)
+            groups.setdefault(len(row.plan.task.initial_tokens), []).append(row)
         with self.lock:
             for length, rows in groups.items():
                 self._prefill(rows, length)
@@ -184,8 +183,7 @@ class DecodeEngine:
         device, decoder = self.decoder.device, self.decoder
         mels = torch.stack([row.window for row in rows]).to(device, decoder.dtype)
         audio_features = self.model.encoder(mels)
-        initial = torch.tensor([row.plan.initial_tokens for row in rows if row.plan], device=device)
-        audio_features = audio_features.to(decoder.dtype)
+        initial = torch.tensor([row.plan.task.initial_tokens for row in rows if row.plan], device=device)
         scratch = DecoderCache(self.model.dims, len(rows), decoder.dtype, device)
         logits = decoder.prefill(scratch, initial, audio_features)
         slots = torch.tensor([row.slot for row in rows], device=device)
@@ -248,12 +246,14 @@ class DecodeEngine:
                 self._step_rows(size)
             self._graphs[size] = graph
 
-    def _step(self) -> None:
-        """One token for every row in use, at the smallest captured size that holds them."""
+    def _step_size(self) -> int:
+        """The smallest captured batch size that holds every row in use (0: none is); rows change only
+        at a prefill or a check, so one size serves the steps between them."""
         used = [slot for slot, row in enumerate(self._rows) if row is not None]
-        if not used:
-            return
-        size = self.decoder.size_for(used[-1] + 1)
+        return self.decoder.size_for(used[-1] + 1) if used else 0
+
+    def _step(self, size: int) -> None:
+        """One token for every row in use, the first ``size`` rows at once."""
         if size in self._graphs and not self._sampling:
             self._graphs[size].replay()
         else:
@@ -323,7 +323,7 @@ class DecodeEngine:
         text = task.tokenizer.decode(tokens).strip()
         return DecodingResult(
             audio_features=torch.empty(0),
-            language=row.language,
+            language=row.options.language,
             tokens=tokens,
             text=text,
             avg_logprob=float(self.sum_logprobs[slot]) / (len(tokens) + 1),
@@ -365,4 +365,4 @@ def _plan(model: Whisper, options: DecodingOptions) -> _Plan:
         rules = task.logit_filters[-1]
         index = getattr(rules, "max_initial_timestamp_index", None)
         max_initial = -1 if index is None else index
-    return _Plan(task, tuple(task.initial_tokens), suppress, suppress_blank, timestamps, max_initial)
+    return _Plan(task, suppress, suppress_blank, timestamps, max_initial)

@@ -85,7 +85,7 @@ class BatchDecodingTask(DecodingTask):
         if languages is not None:
             self.language_tokens = torch.tensor([self.tokenizer.to_language_token(lang) for lang in languages])
         if static_decoder is not None and options.beam_size is None and self.n_group == 1:
-            self.inference = StaticCacheInference(static_decoder, len(self.initial_tokens))
+            self.inference = StaticCacheInference(static_decoder)
             self.decoder = GreedyDecoderOnDevice(options.temperature, self.tokenizer.eot)
             filters: list[LogitFilter] = self.logit_filters  # type: ignore[has-type]
             self.logit_filters = [self._on_device(f, static_decoder.device) for f in filters]

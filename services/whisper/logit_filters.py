@@ -6,7 +6,7 @@ batch of 16 that is dozens of device-to-host waits per decoded token, and with t
 step replayed as one CUDA graph (``services.whisper.static_decoder``) those waits are most
 of a step. ``SuppressTokens`` builds its index from a Python list on every step. The rules
 here are the same, as masks over the batch: no host wait, the same logits to the bit
-(``tests/unit/whisper/test_logit_filters.py`` checks that against the package's filters).
+(``tests/unit/whisper/test_static_decoding.py`` checks that against the package's filters).
 """
 
 from __future__ import annotations

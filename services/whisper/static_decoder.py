@@ -43,11 +43,6 @@ class DecoderCache:
         self.self_keys, self.self_values = layers(dims.n_text_ctx), layers(dims.n_text_ctx)
         self.cross_keys, self.cross_values = layers(dims.n_audio_ctx), layers(dims.n_audio_ctx)
 
-    def reorder(self, rows: int, source: torch.Tensor) -> None:
-        """Row i of the text cache becomes row ``source[i]`` (beam search keeps its best beams)."""
-        for cache in (*self.self_keys, *self.self_values):
-            cache[:rows] = cache[:rows].index_select(0, source)
-
 
 class _StepGraph:
     """One decoder step for ``rows`` rows at one shared position, captured: fixed input and output buffers."""
@@ -236,10 +231,14 @@ class StaticDecoder:
 
 
 class StaticCacheInference(Inference):
-    """openai-whisper's ``Inference`` for one ``DecodingTask.run``, over a ``StaticDecoder``."""
+    """openai-whisper's ``Inference`` for one ``DecodingTask.run``, over a ``StaticDecoder``.
 
-    def __init__(self, decoder: StaticDecoder, initial_token_length: int) -> None:
-        self.decoder, self.initial_token_length = decoder, initial_token_length
+    Greedy and sampled decoding only: beam search, the one caller of ``rearrange_kv_cache``,
+    keeps the package's own inference (``services.whisper.decoding``).
+    """
+
+    def __init__(self, decoder: StaticDecoder) -> None:
+        self.decoder = decoder
         self.cache: DecoderCache | None = None
 
     def logits(self, tokens: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
@@ -247,11 +246,6 @@ class StaticCacheInference(Inference):
             self.cache = self.decoder.cache_for(tokens.shape[0], audio_features.dtype)
             return self.decoder.prefill(self.cache, tokens, audio_features)
         return self.decoder.step(self.cache, tokens[:, -1:], tokens.shape[-1] - 1)
-
-    def rearrange_kv_cache(self, source_indices: list[int]) -> None:
-        if self.cache is not None and source_indices != list(range(len(source_indices))):
-            source = torch.tensor(source_indices, device=self.decoder.device)
-            self.cache.reorder(len(source_indices), source)
 
     def cleanup_caching(self) -> None:
         self.cache = None  # the buffers stay with the decoder for the next task
