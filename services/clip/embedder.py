@@ -49,10 +49,11 @@ class ClipEmbedder:
         self._ttl: dict[Kind, int] = {"image": settings.cache_ttl_seconds, "text": settings.query_cache_ttl_seconds}
         self._card: LazyCardCache[ClipModelCard] = LazyCardCache(self._clip)
         # The proxy learns its endpoints from the CLIP service once that answers: look them up per call.
+        largest: dict[Kind, int] = {"image": settings.clip_max_batch_size, "text": settings.clip_max_text_batch_size}
         self._encode: dict[Kind, Coalescer] = {
             kind: Coalescer(
                 retry_once_on_connection_error(self._caller(f"encode_{kind}s")),
-                max_items=settings.clip_max_batch_size,
+                max_items=largest[kind],
                 max_in_flight=settings.clip_calls_in_flight,
             )
             for kind in ("image", "text")

@@ -9,14 +9,16 @@ on consecutive batches (``services.common.continuous_batching``):
   (decoding, resizing, normalising; tokenising). On a GPU images are prepared on a CUDA stream of
   their own, and an event marks when their pixels are ready;
 - ``embed_images`` / ``embed_texts``: the model, on the GPU's main stream once the pixels are ready.
-On a GPU the towers run as CUDA graphs (``services.clip.graphs``), so a batch costs one launch; on
-a CPU they run eagerly. ``encode_images`` / ``encode_texts`` run both stages in sequence.
+On a GPU the towers run as CUDA graphs (``services.clip.graphs``), so a batch costs one launch (the
+image tower a few: one per segment of ``LAYERS_PER_GRAPH`` layers, so that nvJPEG never waits
+behind a whole batch); on a CPU they run eagerly. ``encode_images`` / ``encode_texts`` run both stages in sequence.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from services.clip.graphs import GraphedImageTower, GraphedTextTower
 from services.clip.pixels import PixelBatch, PixelPreprocessor, Preprocessing
 
 log = logging.getLogger(__name__)
+# Transformer layers per graph of the image tower: 3 is 3.6 ms of ViT-L/14 at batch 64 on an H200.
+LAYERS_PER_GRAPH = 3
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class PreparedTexts:
 class EncoderOptions:
     preprocessing: Preprocessing = "fast"
     decode_threads: int = 4
-    largest_batch: int = 64  # the largest batch the towers are captured for; larger ones run in parts
+    largest_batch: int = 64  # the largest image batch the tower is captured for; larger ones run in parts
+    largest_text_batch: int = 256  # the same for texts
     cuda_graphs: bool = True  # on a GPU only
     # On a GPU, run the towers on a stream of their own rather than the legacy default stream,
     # which would wait for (and hold up) any work that nvJPEG or a copy puts on it.
@@ -85,7 +90,7 @@ class ClipEncoder:
         self.image_tower, self.text_tower = self._image_features, self._text_features
         if self.graphs:
             self.image_tower = GraphedImageTower(
-                self._image_features,
+                self.image_segments(LAYERS_PER_GRAPH),
                 self.model.config.vision_config.image_size,
                 options.largest_batch,
                 device,
@@ -96,7 +101,7 @@ class ClipEncoder:
                 self._text_features,
                 self._max_text_length(),
                 self.processor.tokenizer.pad_token_id,
-                options.largest_batch,
+                options.largest_text_batch,
                 device,
                 capture=True,
             )
@@ -106,6 +111,28 @@ class ClipEncoder:
 
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def image_segments(self, layers_per_segment: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """``_image_features`` as consecutive functions of a few transformer layers each, the first
+        taking pixels, the last giving the projected features: what ``get_image_features`` runs."""
+        vision = self.model.vision_model
+        layers = list(vision.encoder.layers)
+
+        def segment(first: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            last = first + layers_per_segment
+
+            def forward(hidden: torch.Tensor) -> torch.Tensor:
+                if first == 0:
+                    hidden = vision.pre_layrnorm(vision.embeddings(hidden))
+                for layer in layers[first:last]:
+                    hidden = layer(hidden, None)
+                if last >= len(layers):
+                    hidden = self.model.visual_projection(vision.post_layernorm(hidden[:, 0, :]))
+                return hidden
+
+            return forward
+
+        return [segment(first) for first in range(0, len(layers), layers_per_segment)]
 
     def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output

@@ -12,6 +12,14 @@ length, with the tokenizer's pad token and a zero attention mask: exactly what `
 does for the shorter texts of any batch, so a text's embedding does not depend on it (CLIP's
 text tower is causal and pools at the end-of-text token).
 
+The image tower is captured as a chain of graphs, a few transformer layers each, and at most two
+of them are queued on the GPU at a time. Why: on an H200 nvJPEG's work waits for whatever the GPU
+has queued before it, whatever the stream: beside a batch of 64 queued whole (29 ms), decoding the
+next 64 photographs took 58 ms instead of 7, so preparation, not the model, set the pace; beside
+chunks of 16 queued one at a time, 17 ms (bench/clip_overlap.py, bench/RESULTS.md run 15). Cutting
+the batch into chunks would cost the model 8% at batch 16; cutting the layers costs it nothing but
+one launch per segment.
+
 ``capture=False`` runs the same padded buffers eagerly: the tests check the padding on a CPU,
 where graphs do not exist; the service on a CPU does not pad at all.
 """
@@ -19,6 +27,7 @@ where graphs do not exist; the service on a CPU does not pad at all.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import product
 
@@ -68,34 +77,83 @@ class _Shape:
         return self.output[:rows].clone()
 
 
+class _Chain:
+    """A static input buffer of one batch size and the forward's segments, each captured as a graph
+    that reads the output of the one before."""
+
+    def __init__(
+        self, segments: Sequence[Forward], inputs: torch.Tensor, capture: bool, pool, warmups: int = 2
+    ) -> None:
+        self.segments, self.inputs = segments, inputs
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        if not capture:
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                self._eager()
+        torch.cuda.current_stream().wait_stream(side)
+        hidden = inputs
+        for segment in segments:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = segment(hidden)
+            self.graphs.append(graph)
+        self.output = hidden
+
+    def _eager(self) -> torch.Tensor:
+        hidden = self.inputs
+        for segment in self.segments:
+            hidden = segment(hidden)
+        return hidden
+
+    def run(self, rows: int, queued: int) -> torch.Tensor:
+        """The first ``rows`` rows of the forward over the buffer, as a tensor of its own (the next
+        replay may overwrite the graphs' output); at most ``queued`` segments on the GPU at a time."""
+        if not self.graphs:
+            return self._eager()[:rows]
+        in_flight: deque[torch.cuda.Event] = deque()
+        for graph in self.graphs:
+            if len(in_flight) == queued:
+                in_flight.popleft().synchronize()
+            graph.replay()
+            done = torch.cuda.Event()
+            done.record()
+            in_flight.append(done)
+        return self.output[:rows].clone()
+
+
 class GraphedImageTower:
-    """``forward(pixel_values)`` on batches padded to captured sizes."""
+    """The image tower, ``segments`` applied in turn to ``pixel_values``, on batches padded to captured sizes."""
 
     def __init__(
         self,
-        forward: Forward,
+        segments: Sequence[Forward],
         image_size: int,
         largest_batch: int,
         device: torch.device,
         dtype: torch.dtype,
         capture: bool,
+        queued: int = 2,
     ) -> None:
         self.sizes = batch_sizes(largest_batch)
+        self.queued = queued
         pool = torch.cuda.graph_pool_handle() if capture else None
         self._lock = threading.Lock()  # one set of buffers; with batching off, calls come from several threads
-        self._shapes: dict[int, _Shape] = {}
+        self._chains: dict[int, _Chain] = {}
         with torch.inference_mode():
             for size in sorted(self.sizes, reverse=True):  # largest first: the smaller graphs reuse its pool
                 pixels = torch.zeros(size, 3, image_size, image_size, device=device, dtype=dtype)
-                self._shapes[size] = _Shape(forward, {"pixel_values": pixels}, capture, pool)
+                self._chains[size] = _Chain(segments, pixels, capture, pool)
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         parts = []
         for part in pixel_values.split(self.sizes[-1]):
-            shape = self._shapes[smallest_fitting(self.sizes, len(part))]
+            chain = self._chains[smallest_fitting(self.sizes, len(part))]
             with self._lock:
-                shape.inputs["pixel_values"][: len(part)].copy_(part)
-                parts.append(shape.run(len(part)))
+                chain.inputs[: len(part)].copy_(part)
+                parts.append(chain.run(len(part), self.queued))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

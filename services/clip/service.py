@@ -76,6 +76,7 @@ class CLIP:
             preprocessing=settings.clip_preprocessing,
             decode_threads=settings.clip_decode_threads,
             largest_batch=settings.clip_max_batch_size,
+            largest_text_batch=settings.clip_max_text_batch_size,
             cuda_graphs=settings.clip_cuda_graphs,
         )
         self.encoder = ClipEncoder(path, device, options)
@@ -87,8 +88,12 @@ class CLIP:
             embedding_dim=self.encoder.embedding_dim,
             logit_scale=self.encoder.logit_scale,
         )
-        self.image_batches = self._batcher("image", self.encoder.prepare_images, self.encoder.embed_images)
-        self.text_batches = self._batcher("text", self.encoder.prepare_texts, self.encoder.embed_texts)
+        self.image_batches = self._batcher(
+            "image", self.encoder.prepare_images, self.encoder.embed_images, settings.clip_max_batch_size
+        )
+        self.text_batches = self._batcher(
+            "text", self.encoder.prepare_texts, self.encoder.embed_texts, settings.clip_max_text_batch_size
+        )
         log.info(
             "CLIP %s on %s (%s, %s preprocessing, CUDA graphs %s)",
             self.model_ref.tag,
@@ -117,7 +122,9 @@ class CLIP:
         then the model's fingerprint."""
         return with_fingerprint(await self.text_batches(texts), self.card.fingerprint)
 
-    def _batcher(self, kind: str, prepare: Callable[[list[Any]], Any], embed: Callable[[Any], np.ndarray]):
+    def _batcher(
+        self, kind: str, prepare: Callable[[list[Any]], Any], embed: Callable[[Any], np.ndarray], max_batch: int
+    ):
         def run(prepared: Any) -> np.ndarray:
             started = time.perf_counter()
             rows = embed(prepared)
@@ -127,7 +134,7 @@ class CLIP:
         return ContinuousBatcher(
             prepare,
             run,
-            max_batch=settings.clip_max_batch_size,
+            max_batch=max_batch,
             max_wait_seconds=settings.clip_max_latency_ms / 1000,
             name=f"clip-{kind}",
         )

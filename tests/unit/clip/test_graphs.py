@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
+from services.clip.encoder import ClipEncoder, EncoderOptions
 from services.clip.graphs import GraphedImageTower, GraphedTextTower, batch_sizes, smallest_fitting
 
 CPU = torch.device("cpu")
@@ -30,15 +31,22 @@ def test_batch_sizes_are_powers_of_two_then_the_largest() -> None:
     assert [smallest_fitting(batch_sizes(48), n) for n in (1, 3, 17, 33, 48)] == [1, 4, 32, 48, 48]
 
 
+@pytest.mark.parametrize("layers_per_segment", [1, 2, 3])
 @torch.inference_mode()
-def test_padded_image_batches_equal_unpadded(clip) -> None:
-    model, _ = clip
+def test_padded_image_batches_in_segments_equal_the_whole_tower_unpadded(layers_per_segment: int) -> None:
+    """The tower cut into segments of layers (one graph each on a GPU), on padded batches, gives
+    ``get_image_features`` on each batch at its own size; the tiny model has 2 layers, so the cases
+    are: a segment per layer, one segment, and a segment longer than the tower."""
+    encoder = ClipEncoder(bentoml.models.get("tiny-clip").path, CPU, EncoderOptions(cuda_graphs=False))
+    model = encoder.model
     size = model.config.vision_config.image_size
 
     def forward(pixel_values: torch.Tensor) -> torch.Tensor:
         return model.get_image_features(pixel_values=pixel_values).pooler_output
 
-    tower = GraphedImageTower(forward, size, largest_batch=4, device=CPU, dtype=torch.float32, capture=False)
+    segments = encoder.image_segments(layers_per_segment)
+    assert len(segments) == -(-model.config.vision_config.num_hidden_layers // layers_per_segment)
+    tower = GraphedImageTower(segments, size, largest_batch=4, device=CPU, dtype=torch.float32, capture=False)
     pixels = torch.randn(11, 3, size, size, generator=torch.Generator().manual_seed(0))
     # 11 rows: parts of 4, 4 and 3 (padded to 4), after a call that left other rows in the buffers
     tower(torch.randn(4, 3, size, size))
