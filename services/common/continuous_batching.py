@@ -11,6 +11,11 @@ Here a batch goes through two stages, each on a thread of its own:
     prepare batch k+1  |  prepare batch k+2  | ...
     model on batch k   |  model on batch k+1 | ...
 
+The model thread takes each prepared batch straight from the prepare stage, not through the event
+loop: under load the loop is busy receiving requests (a CLIP worker's loop parsed 1 MB bodies 25%
+of the time in run 16, bench/RESULTS.md), and each hand-off through it left the GPU idle between
+batches. Results go back to the callers through the loop.
+
 At most one prepared batch waits for the model, and a batch is taken from the queue only when the
 model has taken the one before it, so under load each batch holds every item that arrived while the
 model ran the last one (up to ``max_batch``): the batch size follows the load, as vLLM's scheduler
@@ -23,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -55,10 +61,15 @@ class _LoopState(Generic[Item, Prepared]):
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     # The prepare stage may run one batch ahead of the model, no more.
     ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    prepared: asyncio.Queue[tuple[list[_Waiting[Item]], Prepared]] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=1)
-    )
+    # Prepared batches for the model thread (never more than one: ``ahead``); None stops it.
+    prepared: queue.SimpleQueue[tuple[list[_Waiting[Item]], Prepared] | None] = field(default_factory=queue.SimpleQueue)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    model: Future[None] | None = None
+
+    @property
+    def ended(self) -> bool:
+        """A stage that ended on a bug (logged): the batcher starts afresh rather than leave callers waiting."""
+        return any(task.done() for task in self.tasks) or (self.model is not None and self.model.done())
 
 
 def _fail(batch: Sequence[_Waiting[Any]], exc: BaseException) -> None:
@@ -106,18 +117,21 @@ class ContinuousBatcher(Generic[Item, Prepared]):
 
     def _started(self) -> _LoopState[Item, Prepared]:
         loop = asyncio.get_running_loop()
-        # A new loop, or a stage that ended on a bug (logged by asyncio): start the stages afresh
-        # rather than leave callers waiting on a stage that is gone.
-        if self._state is None or self._state.loop is not loop or any(t.done() for t in self._state.tasks):
-            if self._state is not None:
-                for task in self._state.tasks:
-                    task.cancel()
-            state: _LoopState[Item, Prepared] = _LoopState(loop)
-            if self._state is not None and self._state.loop is loop:
-                state.waiting = self._state.waiting  # its callers are still waiting on this loop
-            state.tasks = [loop.create_task(self._prepare_stage(state)), loop.create_task(self._model_stage(state))]
-            self._state = state
-        return self._state
+        # A new loop, or a stage that ended on a bug: start the stages afresh.
+        old = self._state
+        if old is not None and old.loop is loop and not old.ended:
+            return old
+        if old is not None:
+            for task in old.tasks:
+                task.cancel()
+            old.prepared.put(None)  # the model thread moves on to the new state's batches
+        state: _LoopState[Item, Prepared] = _LoopState(loop)
+        if old is not None and old.loop is loop:
+            state.waiting = old.waiting  # its callers are still waiting on this loop
+        state.tasks = [loop.create_task(self._prepare_stage(state))]
+        state.model = self._model_thread.submit(self._model_loop, state)
+        self._state = state
+        return state
 
     async def _take(self, state: _LoopState[Item, Prepared]) -> list[_Waiting[Item]]:
         """The next batch: every live item waiting, up to ``max_batch``; waits for one if none is."""
@@ -150,20 +164,30 @@ class ContinuousBatcher(Generic[Item, Prepared]):
                 _fail(batch, exc)
                 state.ahead.release()
                 continue
-            await state.prepared.put((batch, prepared))
+            state.prepared.put((batch, prepared))
 
-    async def _model_stage(self, state: _LoopState[Item, Prepared]) -> None:
-        while True:
-            batch, prepared = await state.prepared.get()
-            state.ahead.release()  # the prepare stage may take the next batch while this one runs
+    def _model_loop(self, state: _LoopState[Item, Prepared]) -> None:
+        """The model thread: each prepared batch as soon as the last is done, results to the loop."""
+        while (taken := state.prepared.get()) is not None:
+            batch, prepared = taken
             try:
-                rows = await state.loop.run_in_executor(self._model_thread, self._run, prepared)
-                if len(rows) != len(batch):
-                    raise RuntimeError(f"{self.name}: {len(rows)} rows for a batch of {len(batch)}")
-            except Exception as exc:
-                log.exception("%s: the model failed on a batch of %d", self.name, len(batch))
-                _fail(batch, exc)
-                continue
-            for waiting, row in zip(batch, rows, strict=True):
-                if not waiting.future.done():
-                    waiting.future.set_result(row)
+                # the prepare stage may take the next batch while this one runs
+                state.loop.call_soon_threadsafe(state.ahead.release)
+                try:
+                    rows = self._run(prepared)
+                    if len(rows) != len(batch):
+                        raise RuntimeError(f"{self.name}: {len(rows)} rows for a batch of {len(batch)}")
+                except Exception as exc:
+                    log.exception("%s: the model failed on a batch of %d", self.name, len(batch))
+                    state.loop.call_soon_threadsafe(_fail, batch, exc)
+                    continue
+                state.loop.call_soon_threadsafe(_deliver, batch, rows)
+            except RuntimeError:  # the loop is closed: nobody waits for these rows any more
+                log.debug("%s: event loop closed; model thread leaves its state", self.name)
+                return
+
+
+def _deliver(batch: Sequence[_Waiting[Any]], rows: np.ndarray) -> None:
+    for waiting, row in zip(batch, rows, strict=True):
+        if not waiting.future.done():
+            waiting.future.set_result(row)

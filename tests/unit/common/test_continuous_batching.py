@@ -98,6 +98,34 @@ async def test_the_next_batch_is_prepared_while_the_model_runs() -> None:
     assert overlapped == [True]
 
 
+async def test_the_model_takes_the_next_prepared_batch_while_the_event_loop_is_busy() -> None:
+    """Under load a worker's event loop is busy with requests: the model thread must not wait for it
+    to go from one batch to the next (only the results go back through it)."""
+    prepared_second = threading.Event()
+    started: dict[int, float] = {}
+
+    def prepare(items: list[int]) -> list[int]:
+        if items == [1]:
+            prepared_second.set()
+        return items
+
+    def run(items: list[int]) -> np.ndarray:
+        started[items[0]] = time.monotonic()
+        time.sleep(0.1)
+        return np.array([[item] for item in items], dtype=np.float32)
+
+    batches = ContinuousBatcher(prepare, run, max_batch=8, max_wait_seconds=10, name="test")
+    first = asyncio.ensure_future(batches([0]))
+    await asyncio.sleep(0.02)  # [0] is on the model
+    second = asyncio.ensure_future(batches([1]))
+    await asyncio.sleep(0)
+    assert await asyncio.to_thread(prepared_second.wait, 5)
+    time.sleep(0.3)  # the event loop is busy: [0] ends and [1] must start meanwhile
+    busy_until = time.monotonic()
+    await asyncio.gather(first, second)
+    assert started[1] < busy_until - 0.05, (started, busy_until)
+
+
 async def test_items_that_waited_past_the_budget_are_refused_with_503() -> None:
     recorder = Recorder(run_seconds=0.3)
     batches = batcher(recorder, max_batch=1, max_wait_seconds=0.1)
