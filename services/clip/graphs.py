@@ -16,7 +16,7 @@ The image tower is captured as a chain of graphs, a few transformer layers each,
 of them are queued on the GPU at a time. Why: on an H200 nvJPEG's work waits for whatever the GPU
 has queued before it, whatever the stream: beside a batch of 64 queued whole (29 ms), decoding the
 next 64 photographs took 58 ms instead of 7, so preparation, not the model, set the pace; beside
-chunks of 16 queued one at a time, 17 ms (bench/clip_overlap.py, bench/RESULTS.md run 15). Cutting
+chunks of 16 queued one at a time, 17 ms (bench/clip_overlap.py; bench/RESULTS.md, runs 15-17). Cutting
 the batch into chunks would cost the model 8% at batch 16; cutting the layers costs it nothing but
 one launch per segment.
 

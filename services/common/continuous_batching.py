@@ -169,22 +169,29 @@ class ContinuousBatcher(Generic[Item, Prepared]):
     def _model_loop(self, state: _LoopState[Item, Prepared]) -> None:
         """The model thread: each prepared batch as soon as the last is done, results to the loop."""
         while (taken := state.prepared.get()) is not None:
-            batch, prepared = taken
-            try:
-                # the prepare stage may take the next batch while this one runs
-                state.loop.call_soon_threadsafe(state.ahead.release)
-                try:
-                    rows = self._run(prepared)
-                    if len(rows) != len(batch):
-                        raise RuntimeError(f"{self.name}: {len(rows)} rows for a batch of {len(batch)}")
-                except Exception as exc:
-                    log.exception("%s: the model failed on a batch of %d", self.name, len(batch))
-                    state.loop.call_soon_threadsafe(_fail, batch, exc)
-                    continue
-                state.loop.call_soon_threadsafe(_deliver, batch, rows)
-            except RuntimeError:  # the loop is closed: nobody waits for these rows any more
-                log.debug("%s: event loop closed; model thread leaves its state", self.name)
+            if not self._run_batch(state, *taken):
                 return
+            # Hold nothing while waiting: a batch's device tensors must be freed here, not by
+            # whatever clears this thread's frame later (a forked child, where CUDA cannot run).
+            del taken
+
+    def _run_batch(self, state: _LoopState[Item, Prepared], batch: list[_Waiting[Item]], prepared: Prepared) -> bool:
+        """Runs one batch and hands its rows (or its error) to the loop; False once the loop is closed."""
+        try:
+            state.loop.call_soon_threadsafe(state.ahead.release)  # the prepare stage may take the next batch
+            try:
+                rows = self._run(prepared)
+                if len(rows) != len(batch):
+                    raise RuntimeError(f"{self.name}: {len(rows)} rows for a batch of {len(batch)}")
+            except Exception as exc:
+                log.exception("%s: the model failed on a batch of %d", self.name, len(batch))
+                state.loop.call_soon_threadsafe(_fail, batch, exc)
+                return True
+            state.loop.call_soon_threadsafe(_deliver, batch, rows)
+            return True
+        except RuntimeError:  # the loop is closed: nobody waits for these rows any more
+            log.debug("%s: event loop closed; model thread leaves its state", self.name)
+            return False
 
 
 def _deliver(batch: Sequence[_Waiting[Any]], rows: np.ndarray) -> None:
