@@ -46,6 +46,16 @@ def smallest_fitting(sizes: Sequence[int], n: int) -> int:
     return min(size for size in sizes if size >= n)
 
 
+def _warm_up(forward: Callable[[], object], times: int) -> None:
+    """torch's recipe before a capture: run on a side stream (lazy initialisation, cuBLAS workspaces)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class _Shape:
     """Static input buffers of one shape and, when captured, the graph that reads them."""
 
@@ -55,13 +65,7 @@ class _Shape:
         self.forward, self.inputs, self.graph = forward, inputs, None
         if not capture:
             return
-        # torch's recipe: warm up on a side stream (lazy initialisation, cuBLAS workspaces), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmups):
-                forward(**inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(lambda: forward(**inputs), warmups)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = forward(**inputs)
@@ -88,12 +92,7 @@ class _Chain:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         if not capture:
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmups):
-                self._eager()
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(self._eager, warmups)
         hidden = inputs
         for segment in segments:
             graph = torch.cuda.CUDAGraph()
