@@ -37,7 +37,7 @@ class BatchTokenizer:
         chunks = [texts[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
         encoded = self._pool.map(self._encode, chunks) if len(chunks) > 1 else [self._encode(texts)]
         sequences = [encoding.ids for part in encoded for encoding in part]
-        length = max(map(len, sequences))
+        length = max(map(len, sequences), default=0)
         ids = np.full((len(sequences), length), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(sequences), length), dtype=np.int64)
         for row, sequence in enumerate(sequences):

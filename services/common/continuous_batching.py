@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -64,12 +66,13 @@ class _LoopState(Generic[Item, Prepared]):
     # Prepared batches for the model thread (never more than one: ``ahead``); None stops it.
     prepared: queue.SimpleQueue[tuple[list[_Waiting[Item]], Prepared] | None] = field(default_factory=queue.SimpleQueue)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    model: Future[None] | None = None
+    # A daemon thread: one blocked on an empty queue must not hold up the process's exit.
+    model: threading.Thread | None = None
 
     @property
     def ended(self) -> bool:
         """A stage that ended on a bug (logged): the batcher starts afresh rather than leave callers waiting."""
-        return any(task.done() for task in self.tasks) or (self.model is not None and self.model.done())
+        return any(task.done() for task in self.tasks) or (self.model is not None and not self.model.is_alive())
 
 
 def _fail(batch: Sequence[_Waiting[Any]], exc: BaseException) -> None:
@@ -97,7 +100,6 @@ class ContinuousBatcher(Generic[Item, Prepared]):
         self._prepare, self._run = prepare, run
         self.max_batch, self.max_wait_seconds, self.name = max_batch, max_wait_seconds, name
         self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-prepare")
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
         self._state: _LoopState[Item, Prepared] | None = None
 
     async def __call__(self, items: list[Item]) -> np.ndarray:
@@ -129,7 +131,8 @@ class ContinuousBatcher(Generic[Item, Prepared]):
         if old is not None and old.loop is loop:
             state.waiting = old.waiting  # its callers are still waiting on this loop
         state.tasks = [loop.create_task(self._prepare_stage(state))]
-        state.model = self._model_thread.submit(self._model_loop, state)
+        state.model = threading.Thread(target=self._model_loop, args=(state,), name=f"{self.name}-model", daemon=True)
+        state.model.start()
         self._state = state
         return state
 
@@ -185,6 +188,7 @@ class ContinuousBatcher(Generic[Item, Prepared]):
                     raise RuntimeError(f"{self.name}: {len(rows)} rows for a batch of {len(batch)}")
             except Exception as exc:
                 log.exception("%s: the model failed on a batch of %d", self.name, len(batch))
+                traceback.clear_frames(exc.__traceback__)  # its frames hold the batch's device tensors
                 state.loop.call_soon_threadsafe(_fail, batch, exc)
                 return True
             state.loop.call_soon_threadsafe(_deliver, batch, rows)

@@ -169,3 +169,21 @@ def test_the_batcher_serves_callers_on_a_new_event_loop() -> None:
     for _ in range(2):  # an in-process test client may start a new loop
         rows = asyncio.run(batches([4, 5]))
         np.testing.assert_array_equal(rows[:, 0], [40, 50])
+
+
+def test_a_process_that_used_the_batcher_exits() -> None:
+    """The model thread waits on its queue for good once the loop is gone: it must not hold up exit
+    (a CLIP worker stopping on SIGTERM, a test run ending)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, numpy as np\n"
+        "from services.common.continuous_batching import ContinuousBatcher\n"
+        "b = ContinuousBatcher(lambda i: i, lambda i: np.array([[x] for x in i], dtype=np.float32),"
+        " max_batch=4, max_wait_seconds=10, name='t')\n"
+        "print(asyncio.run(b([1, 2])).tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[[1.0], [2.0]]"
