@@ -754,7 +754,7 @@ def main() -> None:
         help="try cheaper image preparation in-process, with these decode threads (0: skip)",
     )
     parser.add_argument(
-        "--calls-in-flight", type=int, default=2, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service"
+        "--calls-in-flight", type=int, default=1, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service"
     )
     parser.add_argument(
         "--also",
@@ -835,6 +835,7 @@ def main() -> None:
             results["service"].append(
                 measure(server, f"single texts, {label}", "text", single_texts, max(args.text_levels), args)
             )
+            results["service"].append(measure(server, f"64 texts a request, {label}", "text", text_batches, 32, args))
         finally:
             server.stop()
     if args.batching_off_at:

@@ -85,10 +85,11 @@ class Settings(BaseSettings):
     )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
     clip_calls_in_flight: int = Field(
-        2,
+        1,
         ge=1,
         description="CLIP calls each entry-service worker keeps in flight per kind (images, texts); "
-        "requests arriving meanwhile are merged into the next call.",
+        "requests arriving meanwhile are merged into the next call. 1 served the most single texts and as many "
+        "images as 2 on an H200 (bench/RESULTS.md, runs 16, 18 and 19).",
     )
     clip_cuda_graphs: bool = Field(
         True,
