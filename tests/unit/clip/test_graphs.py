@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from services.clip.encoder import ClipEncoder, EncoderOptions
-from services.clip.graphs import GraphedImageTower, GraphedTextTower, batch_sizes, smallest_fitting
+from services.clip.graphs import GraphedImageTower, GraphedTextTower, batch_sizes, smallest_fitting, text_lengths
 
 CPU = torch.device("cpu")
 
@@ -29,6 +29,12 @@ def test_batch_sizes_are_powers_of_two_then_the_largest() -> None:
     assert batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
     assert batch_sizes(1) == [1]
     assert [smallest_fitting(batch_sizes(48), n) for n in (1, 3, 17, 33, 48)] == [1, 4, 32, 48, 48]
+
+
+def test_text_lengths_step_by_eight_up_to_the_model_maximum() -> None:
+    assert text_lengths(77) == [8, 16, 24, 32, 40, 48, 56, 64, 72, 77]
+    assert text_lengths(16) == [8, 16]
+    assert [smallest_fitting(text_lengths(77), n) for n in (1, 9, 46, 73)] == [8, 16, 48, 77]
 
 
 @pytest.mark.parametrize("layers_per_segment", [1, 2, 3])
