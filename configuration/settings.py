@@ -79,8 +79,9 @@ class Settings(BaseSettings):
         1,
         ge=1,
         description=(
-            "CLIP service processes (each with the model) sharing the device: "
-            "one's CPU work overlaps another's GPU work."
+            "CLIP service processes (each with the model) sharing the device. One per GPU is fastest on an "
+            "H200: a worker already overlaps its preparation with its model, and two time-slice the GPU "
+            "(bench/RESULTS.md, run 15)."
         ),
     )
     clip_decode_threads: int = Field(4, ge=1, description="Threads of the CLIP service that decode images with Pillow.")
