@@ -754,7 +754,9 @@ def main() -> None:
         help="try cheaper image preparation in-process, with these decode threads (0: skip)",
     )
     parser.add_argument(
-        "--calls-in-flight", type=int, default=1, help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service"
+        "--calls-in-flight",
+        type=int,
+        help="MULTIMODAL_CLIP_CALLS_IN_FLIGHT of the served service (default: the product's)",
     )
     parser.add_argument(
         "--also",
@@ -769,7 +771,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["MULTIMODAL_CLIP_WORKERS"] = str(args.clip_workers)
-    os.environ["MULTIMODAL_CLIP_CALLS_IN_FLIGHT"] = str(args.calls_in_flight)
+    if args.calls_in_flight is not None:
+        os.environ["MULTIMODAL_CLIP_CALLS_IN_FLIGHT"] = str(args.calls_in_flight)
     os.environ["MULTIMODAL_CLIP_CUDA_GRAPHS"] = "false" if args.no_cuda_graphs else "true"
 
     home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
