@@ -40,6 +40,11 @@ from services.whisper.static_decoder import DecoderCache, StaticDecoder
 
 log = logging.getLogger(__name__)
 
+# Cached positions a step reads come in multiples of this: with all 448, self-attention read
+# 23% of a step's keys and values at large-v3 (the rest is cross-attention's 1,500 frames),
+# while a window's tokens sit in the first 100 to 230 positions.
+KEY_STEP = 64
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -109,7 +114,12 @@ class DecodeEngine:
         self.tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
         self._blank = torch.zeros(vocabulary, dtype=torch.bool, device=device)  # SuppressBlank's tokens
         self._blank[self.tokenizer.encode(" ") + [self.tokenizer.eot]] = True
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # A step reads the cached positions up to the longest row's (rounded up to KEY_STEP), not
+        # all n_ctx: the longest length in use is known here without asking the GPU, since a row
+        # grows by one token a step at most.
+        self.key_lengths = sorted({*range(KEY_STEP, n_ctx, KEY_STEP), n_ctx})
+        self._length_bound = [0] * rows
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._thread = threading.Thread(target=self._serve, name="whisper-decode", daemon=True)
         self._thread.start()
 
@@ -143,7 +153,7 @@ class DecodeEngine:
                     with self.lock:
                         size = self._step_size()
                         for _ in range(self.steps_between_checks if size else 0):
-                            self._step(size)
+                            self._step(size, self._keys_read())
                     self._finish()
                 if self.on_steps is not None:
                     self.on_steps(time.perf_counter() - started)
@@ -205,6 +215,7 @@ class DecodeEngine:
             self.temperature[slot] = options.temperature
             self.sum_logprobs[slot] = 0.0
             self.live[slot] = True
+            self._length_bound[slot] = length + 1  # the token _advance appends below
         self._sampling = any(row is not None and row.options.temperature > 0 for row in self._rows)
         self._advance(slots, logits[:, -1])
 
@@ -236,15 +247,16 @@ class DecodeEngine:
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        shapes = [(size, keys) for size in reversed(self.decoder.sizes) for keys in reversed(self.key_lengths)]
         with torch.cuda.stream(stream):  # warm-up outside the capture; with no row live, a step changes nothing
-            for size in self.decoder.sizes:
-                self._step_rows(size)
+            for size, keys in shapes:
+                self._step_rows(size, keys)
         torch.cuda.current_stream().wait_stream(stream)
-        for size in self.decoder.sizes:
+        for size, keys in shapes:  # largest first: the smaller graphs reuse its memory
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.decoder.pool):
-                self._step_rows(size)
-            self._graphs[size] = graph
+                self._step_rows(size, keys)
+            self._graphs[size, keys] = graph
 
     def _step_size(self) -> int:
         """The smallest captured batch size that holds every row in use (0: none is); rows change only
@@ -252,19 +264,27 @@ class DecodeEngine:
         used = [slot for slot, row in enumerate(self._rows) if row is not None]
         return self.decoder.size_for(used[-1] + 1) if used else 0
 
-    def _step(self, size: int) -> None:
-        """One token for every row in use, the first ``size`` rows at once."""
-        if size in self._graphs and not self._sampling:
-            self._graphs[size].replay()
-        else:
-            self._step_rows(size)
+    def _keys_read(self) -> int:
+        """How many cached positions the next step reads: the longest row in use, rounded up."""
+        longest = max((bound for bound, row in zip(self._length_bound, self._rows, strict=True) if row), default=1)
+        return next((keys for keys in self.key_lengths if keys >= longest), self.key_lengths[-1])
 
-    def _step_rows(self, size: int) -> None:
+    def _step(self, size: int, keys: int) -> None:
+        """One token for every row in use, the first ``size`` rows at once, reading ``keys`` positions."""
+        if (size, keys) in self._graphs and not self._sampling:
+            self._graphs[size, keys].replay()
+        else:
+            self._step_rows(size, keys)
+        for slot, row in enumerate(self._rows):
+            if row is not None:
+                self._length_bound[slot] += 1
+
+    def _step_rows(self, size: int, keys: int) -> None:
         live = self.live[:size]
         last = self.history[:size].gather(1, (self.length[:size] - 1).clamp(min=0)[:, None])
         positions = torch.where(live, self.length[:size] - 1, 0)  # rows not in use: a harmless write at 0
         tokens = torch.where(live[:, None], last, 0)
-        logits = self.decoder.forward(self.decoder.cache, tokens, positions, per_row=True)
+        logits = self.decoder.forward(self.decoder.cache, tokens, positions, length=keys, per_row=True)
         self._advance(slice(0, size), logits[:, -1])
 
     def _advance(self, slots: torch.Tensor | slice, logits: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from whisper.tokenizer import get_tokenizer
 
 from services.whisper.decoding import BatchDecodingTask
 from services.whisper.logit_filters import BatchedTimestampRules, SuppressTokensOnDevice
-from services.whisper.static_decoder import StaticDecoder
+from services.whisper.static_decoder import StaticDecoder, captured_sizes
 from tests.unit.whisper.conftest import chirp_mels
 
 OPTIONS = {
@@ -89,3 +89,10 @@ def test_suppress_tokens_on_device_masks_what_the_package_masks():
     SuppressTokensOnDevice(suppress, torch.device("cpu")).apply(on_device, torch.zeros(4, 3, dtype=torch.long))
     assert torch.equal(expected, on_device)
     assert torch.isinf(on_device[:, 220]).all()
+
+
+def test_steps_are_captured_at_every_16_rows_past_16():
+    assert captured_sizes(128) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128]
+    assert captured_sizes(100) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100]
+    assert captured_sizes(4) == [1, 2, 4]
+    assert captured_sizes(1) == [1]
