@@ -27,9 +27,6 @@ import json
 import os
 import platform
 import random
-import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from bench.load import LevelResult, run_level
-from bench.serving import ServedProduct
+from bench.serving import ServedProduct, py_spy
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
@@ -600,25 +597,14 @@ class CpuByRole:
 
 def profile(server: Server, args: argparse.Namespace, label: str) -> None:
     """py-spy on the first entry-service worker and the first CLIP worker for 5 s of the level."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.prefix) / "bin" / "py-spy")
-    for path in map(Path, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
-        if (path / "bin" / "py-spy").exists():
-            py_spy = str(path / "bin" / "py-spy")
     roles = server.processes()
     workers = {
         "clip": roles["clip"],
         "entry": [p for p in roles["entry"] if "--service-name Gateway" in " ".join(p.cmdline())],
     }
     for role, processes in workers.items():
-        if not processes:
-            continue
-        out = args.out / f"pyspy-{label}-{role}.txt"
-        command = [py_spy, "record", "--pid", str(processes[0].pid), "--duration", "5", "--rate", "200",
-                   "--nonblocking", "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
-        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # The same, sampling only the thread that holds the GIL: where a worker's Python time goes.
-        gil = [*command[:-1], str(out.with_name(f"pyspy-gil-{label}-{role}.txt")), "--gil"]
-        subprocess.Popen(gil, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if processes:
+            py_spy(processes[0].pid, args.out / f"pyspy-{label}-{role}.txt", seconds=5)
 
 
 def measure(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -51,3 +54,29 @@ class ServedProduct:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+    def workers(self, service: str) -> list[Any]:
+        """The worker processes of one service (``--service-name``), as psutil processes."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        found = []
+        for child in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                if f"--service-name {service}" in " ".join(child.cmdline()):
+                    found.append(child)
+        return found
+
+
+def py_spy(pid: int, out: Path, seconds: float, rate: int = 200) -> None:
+    """Start py-spy on ``pid`` for ``seconds`` in the background: every thread's samples in ``out``,
+    and only the GIL holder's in ``pyspy-gil-...`` beside it (where the process's Python time goes)."""
+    command = shutil.which("py-spy") or str(Path(sys.prefix) / "bin" / "py-spy")
+    for path in map(Path, os.environ.get("PYTHONPATH", "").split(os.pathsep)):  # the device's wheels
+        if (path / "bin" / "py-spy").exists():
+            command = str(path / "bin" / "py-spy")
+    record = [command, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(rate),
+              "--nonblocking", "--format", "raw", "--threads", "--output", str(out)]  # fmt: skip
+    subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gil = [*record[:-1], str(out.with_name(out.name.replace("pyspy-", "pyspy-gil-", 1))), "--gil"]
+    subprocess.Popen(gil, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

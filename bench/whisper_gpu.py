@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench.clip_gpu import GpuSampler
-from bench.serving import ServedProduct
+from bench.serving import ServedProduct, py_spy
 
 RATE = 16_000
 POOL = "speech.flac"
@@ -217,16 +218,19 @@ def step_kernels(decoder: Any, batch: int, top: int = 12) -> list[tuple[str, flo
     return [(row.key[:90], round(row.device_time_total / 5 / 1000, 3)) for row in rows]
 
 
-def continuous_engine(model: Any, decoder: Any, mels: Any, options: Any) -> dict[str, Any]:
+def continuous_engine(model: Any, decoder: Any, mels: Any, options: Any, all_keys: bool = False) -> dict[str, Any]:
     """The service's default: every window submitted to the continuous engine at once, and then
-    in a stream (a window every 20 ms), joining the rows already decoding."""
+    in a stream (a window every 20 ms), joining the rows already decoding. ``all_keys``: each step
+    reads every cached position, as before the engine read up to the longest row's only."""
     import threading
 
     from services.whisper.decode_engine import DecodeEngine
 
     engine = DecodeEngine(model, decoder, threading.Lock())
+    if all_keys:
+        engine.key_lengths = [model.dims.n_text_ctx]
     seconds, _ = synchronized(engine.capture)
-    log(f"continuous engine: whole steps captured in {seconds:.1f} s")
+    log(f"continuous engine{' reading all keys' * all_keys}: whole steps captured in {seconds:.1f} s")
 
     def decode(gap_s: float) -> list[Any]:
         futures = []
@@ -240,12 +244,14 @@ def continuous_engine(model: Any, decoder: Any, mels: Any, options: Any) -> dict
     for name, gap_s in (("at_once", 0.0), ("every_20ms", 0.02)):
         seconds, decoded = synchronized(lambda gap_s=gap_s: decode(gap_s))
         results[name] = {"windows": len(decoded), "windows_per_s": len(decoded) / seconds, "seconds": seconds}
-        log(f"continuous engine, {len(decoded)} windows {name}: {len(decoded) / seconds:.1f} windows/s")
+        rate = len(decoded) / seconds
+        log(f"continuous engine{' reading all keys' * all_keys}, {len(decoded)} windows {name}: {rate:.1f} windows/s")
     results["tokens"] = [d.tokens for d in decoded]
     return results
 
 
-def decode_path(checkpoint: Path, clips: list[np.ndarray], batches: list[int]) -> dict[str, Any]:
+def decode_path(checkpoint: Path, clips: list[np.ndarray], batches: list[int], package: bool) -> dict[str, Any]:
+    """The decode path in this process; ``package``: openai-whisper's own loops too (a minute of GPU time)."""
     import torch
     import whisper
     from whisper.decoding import DecodingOptions
@@ -267,15 +273,16 @@ def decode_path(checkpoint: Path, clips: list[np.ndarray], batches: list[int]) -
     def tokens(decoded: list[Any]) -> list[list[int]]:
         return [d.tokens for d in decoded]
 
-    whisper.decode(model, mels[0], DecodingOptions(language="en", fp16=gpu, sample_len=4))  # warm-up
-    seconds, alone = synchronized(lambda: [whisper.decode(model, mel, options) for mel in mels[:2]])
-    lengths = [len(t) for t in tokens(alone)]
-    results["package_one_window_at_a_time"] = {"windows_per_s": 2 / seconds, "tokens_per_window": lengths}
-    log(f"package, one window at a time: {2 / seconds:.2f} windows/s")
+    if package:
+        whisper.decode(model, mels[0], DecodingOptions(language="en", fp16=gpu, sample_len=4))  # warm-up
+        seconds, alone = synchronized(lambda: [whisper.decode(model, mel, options) for mel in mels[:2]])
+        lengths = [len(t) for t in tokens(alone)]
+        results["package_one_window_at_a_time"] = {"windows_per_s": 2 / seconds, "tokens_per_window": lengths}
+        log(f"package, one window at a time: {2 / seconds:.2f} windows/s")
 
-    seconds, package16 = synchronized(lambda: BatchDecodingTask(model, options).run(mels[:16]))
-    results["package_step_loop_batch16"] = {"windows_per_s": 16 / seconds, "seconds": seconds}
-    log(f"package step loop, batch 16: {16 / seconds:.2f} windows/s ({seconds:.1f} s, the first at this size)")
+        seconds, package16 = synchronized(lambda: BatchDecodingTask(model, options).run(mels[:16]))
+        results["package_step_loop_batch16"] = {"windows_per_s": 16 / seconds, "seconds": seconds}
+        log(f"package step loop, batch 16: {16 / seconds:.2f} windows/s ({seconds:.1f} s, the first at this size)")
 
     largest = max(batches)
     mels = mels.repeat(-(-largest // len(mels)), 1, 1)[:largest]  # batches past 32 windows repeat them
@@ -305,11 +312,19 @@ def decode_path(checkpoint: Path, clips: list[np.ndarray], batches: list[int]) -
     results["static_decoder_cuda_graphs"] = static
     results["continuous_engine"] = continuous_engine(model, decoder, mels, options)
     engine_tokens = results["continuous_engine"].pop("tokens")
+    # The engine's steps read the cache up to the longest row (services/whisper/decode_engine.py,
+    # KEY_STEP); the same engine reading all of it, for the difference and the same tokens.
+    results["continuous_engine_reading_all_keys"] = continuous_engine(model, decoder, mels, options, all_keys=True)
+    all_keys_tokens = results["continuous_engine_reading_all_keys"].pop("tokens")
     shared = min(len(engine_tokens), 16)
-    results["engine_against_package_batch16"] = agreement(engine_tokens[:shared], tokens(package16)[:shared])
-    results["static_against_package_batch16"] = agreement(tokens(static16), tokens(package16))
-    results["package_alone_against_package_batch16"] = agreement(tokens(alone), tokens(package16[:2]))
-    log(f"tokens, static against the package's loop: {results['static_against_package_batch16']}")
+    results["engine_against_engine_reading_all_keys"] = agreement(engine_tokens, all_keys_tokens)
+    results["engine_against_static_batch16"] = agreement(engine_tokens[:shared], tokens(static16)[:shared])
+    if package:
+        results["engine_against_package_batch16"] = agreement(engine_tokens[:shared], tokens(package16)[:shared])
+        results["static_against_package_batch16"] = agreement(tokens(static16), tokens(package16))
+        results["package_alone_against_package_batch16"] = agreement(tokens(alone), tokens(package16[:2]))
+        log(f"tokens, static against the package's loop: {results['static_against_package_batch16']}")
+    log(f"tokens, engine against the static decoder: {results['engine_against_static_batch16']}")
     if gpu:
         results["step_kernels"] = step_kernels(decoder, largest)
         log(f"an eager step at batch {largest}, its kernels: {results['step_kernels']}")
@@ -392,6 +407,7 @@ async def transcribe_all(url: str, bodies: list[bytes], concurrency: int) -> dic
     import httpx
 
     latencies: list[float] = []
+    finished: list[float] = []  # seconds after the round's start: when the GPU's work reached each caller
     statuses: dict[int, int] = {}
     tokens: list[int] = []
     queue = list(enumerate(bodies))
@@ -406,14 +422,15 @@ async def transcribe_all(url: str, bodies: list[bytes], concurrency: int) -> dic
                 data={"model": "whisper-1", "temperature": "0", "response_format": "verbose_json"},
             )
             latencies.append(time.perf_counter() - started)
+            finished.append(time.perf_counter() - round_started)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if response.status_code == 200:
                 tokens.extend(len(s["tokens"]) for s in response.json()["segments"])
 
-    started = time.perf_counter()
+    round_started = time.perf_counter()
     async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=concurrency)) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - round_started
     return {
         "concurrency": concurrency,
         "requests": len(bodies),
@@ -422,12 +439,20 @@ async def transcribe_all(url: str, bodies: list[bytes], concurrency: int) -> dic
         "p50_s": float(np.percentile(latencies, 50)),
         "p99_s": float(np.percentile(latencies, 99)),
         "segment_tokens": int(np.sum(tokens)),
+        "finished_s": sorted(round(t, 2) for t in finished),
     }
 
 
 def served(
-    home: Path, clips: list[np.ndarray], port: int, env: dict[str, str], rounds: list[tuple[str, int, int]]
+    home: Path,
+    clips: list[np.ndarray],
+    port: int,
+    env: dict[str, str],
+    rounds: list[tuple[str, int, int]],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
+    """Each round through ``bentoml serve`` with ``env``; ``profile``: py-spy the entry service's first
+    worker and the Whisper service during the round "32 concurrent", into files named from it."""
     bodies = [wav_bytes(c) for c in clips]
     server = Server(home, port, **env)
     started = time.perf_counter()
@@ -438,6 +463,12 @@ def served(
         asyncio.run(transcribe_all(server.url, bodies[:1], 1))  # one request through every part
         for name, concurrency, count in rounds:
             before = server.whisper_metrics()
+            if profile is not None and name == "32 concurrent":
+                for service in ("Gateway", "Whisper"):
+                    workers = server.workers(service)
+                    if workers:  # 0.5 s in, for 4 s: the round lasts 5 to 7 s
+                        out = profile.with_name(f"pyspy-{profile.name}-{service.lower()}.txt")
+                        threading.Timer(0.5, py_spy, (workers[0].pid, out, 4)).start()
             with GpuSampler() as gpu:
                 level = asyncio.run(transcribe_all(server.url, bodies[:count], concurrency))
             after = server.whisper_metrics()
@@ -448,6 +479,7 @@ def served(
                 audio_s=audio,
                 audio_s_per_s=audio / level["wall_s"],
                 gpu_busy_percent=gpu.mean,
+                gpu_busy_every_200ms=gpu.samples,
                 windows=windows,
                 mean_decode_batch=windows / max(delta.get("whisper_batch_size_count", 0.0), 1),
                 decode_busy_s=delta.get("whisper_batch_duration_seconds_sum", 0.0),
@@ -474,7 +506,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for name, served_results in results["served"].items():
         for level in ("1 at a time", "8 concurrent", "32 concurrent"):
             if level in served_results:
-                bars[f"service, {name.split(',')[0]}\n{level}"] = served_results[level]["audio_s_per_s"]
+                label = name.removesuffix(", batch 64").replace(", ", "\n")
+                bars[f"service, {label}\n{level}"] = served_results[level]["audio_s_per_s"]
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(bars)), 4.5))
     ax.bar(list(bars), list(bars.values()), color="tab:blue")
     ax.set_ylabel("audio seconds per wall second")
@@ -503,8 +536,8 @@ def run(args: argparse.Namespace) -> None:
     }
     home = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     checkpoint = write_model(home, args.shape)
-    if "decode" in args.steps:
-        results["decode"] = decode_path(checkpoint, clips, args.decode_batches)
+    if "decode" in args.steps or "engine" in args.steps:
+        results["decode"] = decode_path(checkpoint, clips, args.decode_batches, package="decode" in args.steps)
         gc.collect()
         torch.cuda.empty_cache()
     (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))  # after each step: a cut-off run keeps some
@@ -525,7 +558,16 @@ def run(args: argparse.Namespace) -> None:
             "static": rounds[:2],
             "reference": [("32 concurrent", 32, args.reference_requests)],
         }[decoder]
-        results["served"][f"{decoder}, batch {args.batch}"] = served(home, clips, 3100, env, chosen)
+        profile = out / f"{decoder}-batch{args.batch}" if args.profile else None
+        results["served"][f"{decoder}, batch {args.batch}"] = served(home, clips, 3100, env, chosen, profile)
+        (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
+    for variant in args.variants:  # the first decoder again, with settings of its own over it
+        extra = dict(setting.split("=", 1) for setting in variant.split(","))
+        env = {"MULTIMODAL_WHISPER_DECODER": args.decoders[0], "MULTIMODAL_WHISPER_MAX_BATCH_SIZE": str(args.batch)}
+        name = ", ".join(f"{k.removeprefix('MULTIMODAL_').lower()} {v}" for k, v in extra.items())
+        profile = out / name.replace(" ", "").replace(",", "-") if args.profile else None
+        measured = served(home, clips, 3100, {**env, **extra}, rounds[:2], profile)
+        results["served"][f"{args.decoders[0]}, {name}"] = measured
         (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
     (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
     if "transcribe" in results:
@@ -543,13 +585,25 @@ def main() -> None:
     measure.add_argument("--speech", default=".speech")
     measure.add_argument("--shape", choices=list(SHAPES), default="large-v3", help="small: a smoke run on a CPU")
     measure.add_argument("--out", default="bench/results")
-    measure.add_argument("--steps", nargs="*", default=["decode", "transcribe"], choices=["decode", "transcribe"])
+    measure.add_argument(
+        "--steps",
+        nargs="*",
+        default=["decode", "transcribe"],
+        choices=["decode", "engine", "transcribe"],
+        help="engine: the decode path without openai-whisper's own loops (a minute less)",
+    )
     measure.add_argument(
         "--decoders", nargs="*", default=["continuous", "static"], choices=["continuous", "static", "reference"]
     )
     measure.add_argument("--batch", type=int, default=64, help="the service's MULTIMODAL_WHISPER_MAX_BATCH_SIZE")
     measure.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 16, 32, 64])
     measure.add_argument("--reference-requests", type=int, default=8, help="recordings sent to the reference decoder")
+    measure.add_argument(
+        "--variants", nargs="*", default=[], metavar="K=V[,K=V]",
+        help="settings served beside the first decoder's, each a warm-up and a round of 32 concurrent; "
+        "for example MULTIMODAL_WHISPER_MAX_BATCH_SIZE=128",
+    )  # fmt: skip
+    measure.add_argument("--profile", action="store_true", help="py-spy both services in each round of 32 concurrent")
     args = parser.parse_args()
     if args.command == "speech":
         write_speech(Path(args.out), args.minutes)
