@@ -20,26 +20,10 @@ from services.clip.protocol import ClipModelCard, split_fingerprint, split_text_
 from services.common import metrics
 from services.common.card_cache import LazyCardCache
 from services.common.coalescing import Coalescer
-from services.common.errors import CONNECTION_ERRORS, APIError, is_timeout
+from services.common.errors import APIError, retry_once_on_connection_error
 from services.common.image_validation import EncodedImage
 
 log = logging.getLogger(__name__)
-
-
-def retry_once_on_connection_error(call: Callable[[list[Any]], Awaitable[np.ndarray]]):
-    """Embedding is idempotent, so a call that broke on the connection (a broken pipe, a reset)
-    is sent once more before the error reaches the client (as 503, ``services.common.errors``)."""
-
-    async def call_with_retry(items: list[Any]) -> np.ndarray:
-        try:
-            return await call(items)
-        except CONNECTION_ERRORS as exc:
-            if is_timeout(exc):
-                raise
-            log.warning("CLIP call failed on its connection (%r); retrying once", exc)
-            return await call(items)
-
-    return call_with_retry
 
 
 class ClipEmbedder:
@@ -52,15 +36,15 @@ class ClipEmbedder:
         largest: dict[Kind, int] = {"image": settings.clip_max_batch_size, "text": settings.clip_max_text_batch_size}
         self._encode: dict[Kind, Coalescer] = {
             kind: Coalescer(
-                retry_once_on_connection_error(self._caller(f"encode_{kind}s")),
+                retry_once_on_connection_error(self._caller(f"encode_{kind}s"), "CLIP"),
                 max_items=largest[kind],
                 max_in_flight=settings.clip_calls_in_flight,
             )
             for kind in ("image", "text")
         }
 
-    def _caller(self, endpoint: str) -> Callable[[list[Any]], Awaitable[np.ndarray]]:
-        async def call(items: list[Any]) -> np.ndarray:
+    def _caller(self, endpoint: str) -> Callable[[list[Any]], Awaitable[Any]]:
+        async def call(items: list[Any]) -> Any:  # an array, a row per item
             return await getattr(self._clip, endpoint)(items)
 
         return call

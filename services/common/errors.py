@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
 import httpx
@@ -47,6 +47,29 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 def is_timeout(exc: BaseException) -> bool:
     """A connection error that is really a timeout: 504, and not worth a retry."""
     return isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError | TimeoutError)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def retry_once_on_connection_error(
+    call: Callable[P, Awaitable[R]], name: str = "model service"
+) -> Callable[P, Awaitable[R]]:
+    """For idempotent calls between services (embedding, decoding a window): one that broke on its
+    connection (a broken pipe, a reset, a pooled keep-alive connection the server had just closed)
+    is sent once more before the error reaches the client (as 503, ``install_error_handlers``)."""
+
+    async def call_with_retry(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await call(*args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            if is_timeout(exc):
+                raise
+            log.warning("%s call failed on its connection (%r); retrying once", name, exc)
+            return await call(*args, **kwargs)
+
+    return call_with_retry
 
 
 def check_model(requested: str, served: tuple[str, ...]) -> None:

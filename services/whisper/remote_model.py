@@ -20,6 +20,7 @@ from whisper.model import ModelDimensions
 from whisper.tokenizer import Tokenizer
 
 from services.common import metrics
+from services.common.errors import retry_once_on_connection_error
 from services.whisper.protocol import AlignJob, WhisperModelCard, WindowJob
 from services.whisper.window_scheduler import Ticket
 
@@ -49,9 +50,13 @@ class RemoteWhisper:
         """Wait for this request's turn (``services.whisper.window_scheduler``), then for the batch the window joins."""
         client, ticket = self._client, self._ticket
 
+        async def send() -> Any:
+            return await getattr(client, method)(argument)
+
         async def call() -> Any:
             with metrics.queued("whisper"):
-                return await ticket.run(lambda: getattr(client, method)(argument))
+                # Decoding, detecting and aligning are idempotent: a call broken on its connection goes once more.
+                return await ticket.run(retry_once_on_connection_error(send, "Whisper"))
 
         # Raises CancelledError once the request is over (the ticket closed): its other chunks stop.
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result()

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from services.clip.embedder import retry_once_on_connection_error
 from services.common.coalescing import Coalescer
+from services.common.errors import retry_once_on_connection_error
 
 
 class RecordingModel:

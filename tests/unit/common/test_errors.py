@@ -72,7 +72,7 @@ def test_an_aiohttp_timeout_is_504():
 
 
 def test_an_embedding_call_broken_by_a_dying_worker_is_sent_once_more():
-    from services.clip.embedder import retry_once_on_connection_error
+    from services.common.errors import retry_once_on_connection_error
 
     calls: list[int] = []
 
