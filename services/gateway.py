@@ -118,6 +118,13 @@ class Gateway:
             self.families["llava"] = LlavaAPI(settings, model_spec("llava").tag, as_service(LLaVA).url, pixels)
         if "whisper" in settings.families:
             self.families["whisper"] = WhisperAPI(self.whisper, settings, as_service(Whisper).url)
+            # This process's torch work is log-mels, one per window, on transcription threads that run
+            # at once: one core each. torch's default pool (a thread per core) behind every one of them
+            # oversubscribed the cores (here, 2 cores: 64 log-mels from 32 threads took 32 ms each, 13 ms
+            # on one thread each), and the windows of 32 concurrent recordings reached the GPU late.
+            import torch
+
+            torch.set_num_threads(1)
         listen_on_own_socket_when_ready()  # connections spread evenly over workers: common/own_listening_socket.py
 
     def family(self, name: str) -> Any:

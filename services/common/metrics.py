@@ -80,10 +80,21 @@ WHISPER_REAL_TIME_FACTOR = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 WHISPER_BATCH_SIZE = Histogram(
-    "whisper_batch_size", "30-second windows per batched forward pass", ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64)
+    "whisper_batch_size",
+    "30-second windows per batched forward pass",
+    ["kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 WHISPER_BATCH_DURATION = Histogram(
     "whisper_batch_duration_seconds", "Time to decode one batch of windows", ["kind"], buckets=LATENCY_BUCKETS
+)
+# Where a transcription's time goes, per request (entry service): reading and decoding the upload,
+# detecting the language of a long recording (a model call before any window), and transcribing.
+WHISPER_STAGE_DURATION = Histogram(
+    "whisper_stage_duration_seconds",
+    "Time a transcription spends in each stage: decode_audio, detect_language, transcribe",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
 )
 
 # Image library (services/library): per collection, as each entry-service worker last saw it.

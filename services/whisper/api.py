@@ -207,16 +207,18 @@ class WhisperAPI:
         with self._admit(len(chunks)) as ticket:
             model = RemoteWhisper(card, self._client, ticket, loop)
             if len(chunks) > 1 and request.language is None and card.multilingual:
-                options["language"] = await run(self._detect_language, model, audio.samples)
+                with metrics.WHISPER_STAGE_DURATION.labels("detect_language").time():
+                    options["language"] = await run(self._detect_language, model, audio.samples)
             transcribe = partial(whisper.transcribe, model, **options)
             # With conditioning off, transcribe prompts its first window only; so here, the first chunk.
             prompts = [request.prompt or None] + [None] * (len(chunks) - 1)
-            results = await asyncio.gather(
-                *(
-                    run(partial(transcribe, initial_prompt=chunk_prompt), audio.samples[a:b])
-                    for (a, b), chunk_prompt in zip(chunks, prompts, strict=True)
+            with metrics.WHISPER_STAGE_DURATION.labels("transcribe").time():
+                results = await asyncio.gather(
+                    *(
+                        run(partial(transcribe, initial_prompt=chunk_prompt), audio.samples[a:b])
+                        for (a, b), chunk_prompt in zip(chunks, prompts, strict=True)
+                    )
                 )
-            )
         return Transcript(
             text="".join(result["text"] for result in results).strip(),
             language=results[0]["language"],
@@ -244,7 +246,8 @@ class WhisperAPI:
 
     async def _run(self, file: UploadFile, request: TranscriptionRequest) -> Transcript:
         started = time.perf_counter()
-        audio = await self._decode(file)
+        with metrics.WHISPER_STAGE_DURATION.labels("decode_audio").time():
+            audio = await self._decode(file)
         transcript = await self.transcribe(audio, request)
         metrics.WHISPER_AUDIO_SECONDS.labels(request.task).inc(audio.duration)
         metrics.WHISPER_REAL_TIME_FACTOR.labels(request.task).observe((time.perf_counter() - started) / audio.duration)

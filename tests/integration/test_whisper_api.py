@@ -507,6 +507,8 @@ def test_models_readiness_and_metrics(server, speech):
     assert metric_value(text, "whisper_request_duration_seconds_count", endpoint="/v1/audio/transcriptions") >= 1
     assert metric_value(text, "whisper_audio_seconds_total", task="transcribe") >= duration_of(speech["clip7"])
     assert metric_value(text, "whisper_real_time_factor_count", task="transcribe") >= 1
+    for stage in ("decode_audio", "transcribe"):  # clip7 is under 30 s: no separate language detection
+        assert metric_value(text, "whisper_stage_duration_seconds_count", stage=stage) >= 1
     assert metric_value(text, "whisper_batch_size_count", kind="decode") >= 1
     assert metric_samples(text, "queue_depth", model="whisper") == [0.0]  # nothing waiting once answered
     assert metric_value(text, "whisper_requests_total", status="500") == 0
