@@ -103,7 +103,12 @@ class Settings(BaseSettings):
         description="Threads of torch's CPU pool in each CLIP worker; unset: 1 on a GPU (the model runs there, "
         "and small CPU ops woke a pool of one spinning thread per core), torch's default on a CPU.",
     )
-    whisper_max_batch_size: int = Field(16, ge=1, description="Most 30-second windows in one Whisper decode batch.")
+    whisper_max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Most 30-second windows in one Whisper decode batch. On a GPU each holds 304 MiB of decoder "
+        "cache at large-v3 (128 windows: 38 GiB); 128 served 32 concurrent recordings fastest on an H200.",
+    )
     whisper_max_latency_ms: int = Field(
         60_000, ge=10, description="Latency budget of a Whisper batch; past it BentoML sheds load with 503."
     )

@@ -41,9 +41,17 @@ def captured_sizes(capacity: int, step: int = 16) -> list[int]:
 
 
 class DecoderCache:
-    """Keys and values of every decoder layer for up to ``rows`` windows."""
+    """Keys and values of every decoder layer for up to ``rows`` windows, at ``text_positions`` text
+    positions (all ``n_text_ctx`` by default; a prefill's scratch needs only its prompt's)."""
 
-    def __init__(self, dims: ModelDimensions, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        dims: ModelDimensions,
+        rows: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        text_positions: int | None = None,
+    ) -> None:
         def layers(length: int) -> list[torch.Tensor]:
             return [
                 torch.zeros(rows, length, dims.n_text_state, dtype=dtype, device=device)
@@ -51,8 +59,25 @@ class DecoderCache:
             ]
 
         self.rows, self.dtype = rows, dtype
-        self.self_keys, self.self_values = layers(dims.n_text_ctx), layers(dims.n_text_ctx)
+        text = text_positions or dims.n_text_ctx
+        self.self_keys, self.self_values = layers(text), layers(text)
         self.cross_keys, self.cross_values = layers(dims.n_audio_ctx), layers(dims.n_audio_ctx)
+
+
+def _check_room(dims: ModelDimensions, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, with the reason, a cache the GPU cannot hold, rather than fail on an allocation deep in
+    start-up: each row keeps keys and values of every text position and audio frame (318 MB at large-v3
+    in fp16; 128 rows, 41 GB)."""
+    if device.type != "cuda":
+        return
+    per_row = 2 * dims.n_text_layer * (dims.n_text_ctx + dims.n_audio_ctx) * dims.n_text_state * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    if rows * per_row > free:
+        raise RuntimeError(
+            f"a Whisper decoder cache of {rows} windows (MULTIMODAL_WHISPER_MAX_BATCH_SIZE) needs "
+            f"{rows * per_row / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of the GPU is free; "
+            f"at {per_row / 2**20:.0f} MiB a window, lower it"
+        )
 
 
 class _StepGraph:
@@ -92,6 +117,7 @@ class StaticDecoder:
         self.device = model.decoder.token_embedding.weight.device
         self.n_head = self.dims.n_text_head
         self.key_positions = torch.arange(self.dims.n_text_ctx, device=self.device)
+        _check_room(self.dims, capacity, dtype, self.device)
         self.cache = DecoderCache(self.dims, capacity, dtype, self.device)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self._graphs: dict[int, _StepGraph] = {}

@@ -80,3 +80,24 @@ def test_what_the_engine_leaves_to_the_batch_path():
     assert not DecodeEngine.takes(DecodingOptions(beam_size=5), "en")
     assert not DecodeEngine.takes(DecodingOptions(best_of=5, temperature=0.5), "en")
     assert not DecodeEngine.takes(DecodingOptions(), None)  # language detection is the package's
+
+
+def test_windows_admitted_together_prefill_in_parts_with_the_same_results(model, monkeypatch):
+    # At large-v3, 128 windows prefilled at once needed a second cache's worth of GPU memory; now a
+    # prefill takes PREFILL_ROWS windows at a time, here 2, so 5 windows admitted together take 3.
+    monkeypatch.setattr("services.whisper.decode_engine.PREFILL_ROWS", 2)
+    windows, options = chirp_mels(model, 5), DecodingOptions(language="en", fp16=False, sample_len=30)
+    expected = [whisper.decode(model, w, options) for w in windows]
+    admitted: list[int] = []
+    passes: list[int] = []
+    prefill = DecodeEngine._prefill
+    monkeypatch.setattr(
+        DecodeEngine, "_prefill", lambda self, rows, length: (passes.append(len(rows)), prefill(self, rows, length))
+    )
+    decoder = StaticDecoder(model, capacity=8, dtype=torch.float32, use_graphs=False)
+    engine = DecodeEngine(model, decoder, threading.Lock(), on_admitted=admitted.append)
+    with engine._arrived:  # all five wait until submitted, so one admission takes them together
+        futures = [engine.submit(w, options, "en") for w in windows]
+    for future, want in zip(futures, expected, strict=True):
+        assert_same(future.result(timeout=120), want)
+    assert admitted == [5] and passes == [2, 2, 1]

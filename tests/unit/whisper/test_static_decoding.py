@@ -96,3 +96,16 @@ def test_steps_are_captured_at_every_16_rows_past_16():
     assert captured_sizes(100) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100]
     assert captured_sizes(4) == [1, 2, 4]
     assert captured_sizes(1) == [1]
+
+
+def test_a_cache_the_gpu_cannot_hold_is_refused_with_the_reason(monkeypatch):
+    from whisper.model import ModelDimensions
+
+    from services.whisper.static_decoder import _check_room
+
+    large_v3 = ModelDimensions(128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * 2**30, 80 * 2**30))  # 30 GiB free
+    _check_room(large_v3, 128, torch.float16, torch.device("cpu"))  # no GPU: nothing to check
+    _check_room(large_v3, 64, torch.float16, torch.device("cuda"))  # 19 GiB
+    with pytest.raises(RuntimeError, match=r"128 windows .* needs 38.0 GiB and 30.0 GiB"):
+        _check_room(large_v3, 128, torch.float16, torch.device("cuda"))
