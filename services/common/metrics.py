@@ -92,7 +92,8 @@ WHISPER_BATCH_DURATION = Histogram(
 # detecting the language of a long recording (a model call before any window), and transcribing.
 WHISPER_STAGE_DURATION = Histogram(
     "whisper_stage_duration_seconds",
-    "Time a transcription spends in each stage: decode_audio, detect_language, transcribe",
+    "Time a transcription spends in each stage: decode_audio, detect_language, transcribe (its windows' "
+    "turns in the queue included)",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )

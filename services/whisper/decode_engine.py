@@ -36,7 +36,7 @@ from whisper.tokenizer import get_tokenizer
 from whisper.utils import compression_ratio
 
 from services.whisper.logit_filters import apply_timestamp_rules
-from services.whisper.static_decoder import DecoderCache, StaticDecoder
+from services.whisper.static_decoder import PREFILL_ROWS, DecoderCache, StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 # 23% of a step's keys and values at large-v3 (the rest is cross-attention's 1,500 frames),
 # while a window's tokens sit in the first 100 to 230 positions.
 KEY_STEP = 64
-# Windows prefilled at once, at most: a prefill's scratch holds each window's cross-attention keys and
-# values (245 MB at large-v3) beside the shared cache, so 128 windows admitted together needed a second
-# 41 GB and did not fit an 80 GB GPU; the encoder is as fast a window at 16 windows a pass (6.9 ms on an
-# H200, 6.6 ms at 64).
-PREFILL_ROWS = 16
 
 
 @dataclass(frozen=True)
