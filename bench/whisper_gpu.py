@@ -395,7 +395,9 @@ class Server(ServedProduct):
         for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
             for sample in family.samples:
                 decode = sample.name.startswith("whisper_batch") and sample.labels.get("kind") == "decode"
-                if decode and sample.name.endswith(("_sum", "_count")):
+                if sample.name == "whisper_batch_size_sum" and sample.labels.get("kind") == "detect_language":
+                    values["detected_windows"] = values.get("detected_windows", 0.0) + sample.value
+                elif decode and sample.name.endswith(("_sum", "_count")):
                     values[sample.name] = values.get(sample.name, 0.0) + sample.value
                 elif decode and sample.name == "whisper_batch_size_bucket":  # batches of at most `le` windows
                     key = f"batches_up_to_{sample.labels['le']}"
@@ -404,6 +406,38 @@ class Server(ServedProduct):
                     key = f"stage_{sample.labels['stage']}{sample.name.removeprefix(STAGES)}"
                     values[key] = values.get(key, 0.0) + sample.value
         return values
+
+
+class Timeline:
+    """The service's counters every 0.2 s while a round runs, as rows of ``TIMELINE`` (seconds from
+    the start, then cumulative counts): when uploads were decoded, languages detected, windows
+    admitted to the decoder and answers given, so the seconds before the GPU is full have names."""
+
+    TIMELINE = ("t_s", "audio_decoded", "languages_detected", "windows_detected", "windows_admitted", "transcribed")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def __enter__(self) -> Timeline:
+        self.rows: list[list[float]] = []
+        self._base = self.server.whisper_metrics()
+        self._started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        keys = ("stage_decode_audio_count", "stage_detect_language_count", "detected_windows",
+                "whisper_batch_size_sum", "stage_transcribe_count")  # fmt: skip
+        while not self._stop.wait(0.2):
+            values = self.server.whisper_metrics()
+            t = round(time.perf_counter() - self._started, 2)
+            self.rows.append([t, *(values.get(k, 0.0) - self._base.get(k, 0.0) for k in keys)])
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 async def transcribe_all(
@@ -481,7 +515,7 @@ def served(
                     if workers:  # 0.5 s in, for 4 s: the round lasts 5 to 7 s
                         out = profile.with_name(f"pyspy-{profile.name}-{service.lower()}.txt")
                         threading.Timer(0.5, py_spy, (workers[0].pid, out, 4)).start()
-            with GpuSampler() as gpu:
+            with GpuSampler() as gpu, Timeline(server) as timeline:
                 level = asyncio.run(transcribe_all(server.url, bodies[:count], concurrency, language))
             after = server.whisper_metrics()
             delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -492,6 +526,7 @@ def served(
                 audio_s_per_s=audio / level["wall_s"],
                 gpu_busy_percent=gpu.mean,
                 gpu_busy_every_200ms=gpu.samples,
+                timeline={"columns": Timeline.TIMELINE, "rows": timeline.rows},
                 windows=windows,
                 mean_decode_batch=windows / max(delta.get("whisper_batch_size_count", 0.0), 1),
                 decode_busy_s=delta.get("whisper_batch_duration_seconds_sum", 0.0),

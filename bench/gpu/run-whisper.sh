@@ -10,3 +10,7 @@ timeout "${LIMIT_S:-560}" python3 -m bench.whisper_gpu run --speech .speech --ou
 # What the servers logged about errors, and any traceback.
 grep -h -i -B2 -A8 "traceback\|error" /tmp/bench-whisper-*/serve-*.log 2>/dev/null | tail -120 > "$out/serve-errors.txt" || true
 grep -h "warmed up\|Whisper whisper" /tmp/bench-whisper-*/serve-*.log 2>/dev/null | tail -5 >> "$out/whisper_gpu.log" || true
+# The device returns at most 8 files: py-spy's profiles (two a service) travel as one archive.
+if compgen -G "$out/pyspy-*" > /dev/null; then
+  tar czf "$out/profiles.tar.gz" -C "$out" $(cd "$out" && ls pyspy-*) && rm -f "$out"/pyspy-*
+fi
