@@ -39,6 +39,7 @@ from services.common.errors import (
     error_responses,
     install_error_handlers,
 )
+from services.common.garbage_collection import freeze_start_up_objects
 from services.common.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from services.common.model_service import as_service
 from services.common.own_listening_socket import listen_on_own_socket_when_ready
@@ -125,6 +126,7 @@ class Gateway:
             import torch
 
             torch.set_num_threads(1)
+        freeze_start_up_objects()  # full collections skip start-up objects: common/garbage_collection.py
         listen_on_own_socket_when_ready()  # connections spread evenly over workers: common/own_listening_socket.py
 
     def family(self, name: str) -> Any:

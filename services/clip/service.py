@@ -29,6 +29,7 @@ from services.clip.protocol import ClipModelCard, with_fingerprint
 from services.common import metrics
 from services.common.continuous_batching import ContinuousBatcher
 from services.common.device import torch_device
+from services.common.garbage_collection import freeze_start_up_objects
 from services.common.model_service import model_service
 from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
@@ -102,6 +103,7 @@ class CLIP:
             settings.clip_preprocessing,
             "on" if self.encoder.graphs else "off",
         )
+        freeze_start_up_objects()  # full collections skip start-up objects: common/garbage_collection.py
         listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _preprocessing_version(self, path: Path, mode: str) -> str:
