@@ -219,6 +219,50 @@ def step_kernels(decoder: Any, batch: int, top: int = 12) -> list[tuple[str, flo
     return [(row.key[:90], round(row.device_time_total / 5 / 1000, 3)) for row in rows]
 
 
+def cross_attention_backends(rows: int = 128, repeats: int = 50) -> dict[str, float]:
+    """One decoder layer's cross-attention at large-v3 shapes for ``rows`` windows (a query of one
+    token against 1,500 frames), laid out as the static decoder's cache holds it, by each way torch
+    has to compute it: ms per call. Most of a step is this, 32 times (``step_kernels``)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    heads, frames, width = 20, 1500, 1280
+    q = torch.randn(rows, 1, width, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(rows, frames, width, device="cuda", dtype=torch.float16) for _ in range(2))
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # as StaticDecoder._attend does
+        return x.view(*x.shape[:2], heads, -1).permute(0, 2, 1, 3)
+
+    def matmuls() -> torch.Tensor:  # two batched products, softmax in fp32
+        weights = (split(q) @ split(k).transpose(-1, -2)) * (width // heads) ** -0.5
+        return weights.float().softmax(dim=-1).to(q.dtype) @ split(v)
+
+    ways: dict[str, Any] = {"default": lambda: scaled_dot_product_attention(split(q), split(k), split(v))}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):  # fmt: skip
+
+        def way(backend: Any = backend) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return scaled_dot_product_attention(split(q), split(k), split(v))
+
+        ways[name] = way
+    ways["matmuls"] = matmuls
+    results: dict[str, float] = {}
+    with torch.no_grad():
+        reference = ways["math"]()
+        for name, way in ways.items():
+            try:
+                error = (way() - reference).abs().max().item()
+                seconds, _ = synchronized(lambda way=way: [way() for _ in range(repeats)])
+            except RuntimeError as exc:  # a backend that does not take these shapes
+                log(f"cross-attention, {name}: {str(exc).splitlines()[0][:120]}")
+                continue
+            results[name] = round(1000 * seconds / repeats, 4)
+            log(f"cross-attention at {rows} rows, {name}: {results[name]} ms (max difference {error:.2g})")
+    return results
+
+
 def continuous_engine(model: Any, decoder: Any, mels: Any, options: Any, all_keys: bool = False) -> dict[str, Any]:
     """The service's default: every window submitted to the continuous engine at once, and then
     in a stream (a window every 20 ms), joining the rows already decoding. ``all_keys``: each step
@@ -248,6 +292,7 @@ def continuous_engine(model: Any, decoder: Any, mels: Any, options: Any, all_key
         rate = len(decoded) / seconds
         log(f"continuous engine{' reading all keys' * all_keys}, {len(decoded)} windows {name}: {rate:.1f} windows/s")
     results["tokens"] = [d.tokens for d in decoded]
+    engine.stop()  # its thread holds the model and the cache: the served steps need the memory back
     return results
 
 
@@ -589,6 +634,8 @@ def run(args: argparse.Namespace) -> None:
     }
     home = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     checkpoint = write_model(home, args.shape)
+    if "attention" in args.steps and device() == "cuda":
+        results["cross_attention_ms"] = cross_attention_backends()
     if "decode" in args.steps or "engine" in args.steps:
         results["decode"] = decode_path(checkpoint, clips, args.decode_batches, package="decode" in args.steps)
         gc.collect()
@@ -652,8 +699,9 @@ def main() -> None:
         "--steps",
         nargs="*",
         default=["decode", "transcribe"],
-        choices=["decode", "engine", "transcribe"],
-        help="engine: the decode path without openai-whisper's own loops (a minute less)",
+        choices=["attention", "decode", "engine", "transcribe"],
+        help="engine: the decode path without openai-whisper's own loops (a minute less); "
+        "attention: a step's cross-attention by each of torch's ways to compute it",
     )
     measure.add_argument(
         "--decoders", nargs="*", default=["continuous", "static"], choices=["continuous", "static", "reference"]

@@ -146,6 +146,11 @@ class Settings(BaseSettings):
         description="Each worker of a service listens on a socket of its own (SO_REUSEPORT, Linux), so that "
         "connections spread evenly over workers; off: workers share one, as in BentoML, and take connections unevenly.",
     )
+    freeze_start_up_objects: bool = Field(
+        True,
+        description="Each service exempts the objects it holds after start-up (libraries, model) from Python's "
+        "garbage collector, whose full collections otherwise walk them all with the GIL held (100-300 ms pauses).",
+    )
     max_concurrent_requests: int = Field(
         100,
         ge=1,

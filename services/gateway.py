@@ -126,7 +126,7 @@ class Gateway:
             import torch
 
             torch.set_num_threads(1)
-        freeze_start_up_objects()  # full collections skip start-up objects: common/garbage_collection.py
+        freeze_start_up_objects(settings.freeze_start_up_objects)  # common/garbage_collection.py
         listen_on_own_socket_when_ready()  # connections spread evenly over workers: common/own_listening_socket.py
 
     def family(self, name: str) -> Any:

@@ -103,7 +103,7 @@ class CLIP:
             settings.clip_preprocessing,
             "on" if self.encoder.graphs else "off",
         )
-        freeze_start_up_objects()  # full collections skip start-up objects: common/garbage_collection.py
+        freeze_start_up_objects(settings.freeze_start_up_objects)  # common/garbage_collection.py
         listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _preprocessing_version(self, path: Path, mode: str) -> str:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import gc
 
 
-def freeze_start_up_objects() -> None:
-    """Collect once, then exempt every surviving object from later collections.
+def freeze_start_up_objects(enabled: bool = True) -> None:
+    """Collect once, then exempt every surviving object from later collections. ``enabled``:
+    the setting ``MULTIMODAL_FREEZE_START_UP_OBJECTS`` (off, to measure what this is worth).
 
     Call at the end of a service's ``__init__``, once its model and clients exist."""
+    if not enabled:
+        return
     gc.collect()
     gc.freeze()

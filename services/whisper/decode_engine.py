@@ -120,6 +120,7 @@ class DecodeEngine:
         self.key_lengths = sorted({*range(KEY_STEP, n_ctx, KEY_STEP), n_ctx})
         self._length_bound = [0] * rows
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="whisper-decode", daemon=True)
         self._thread.start()
 
@@ -135,6 +136,14 @@ class DecodeEngine:
             self._arrived.notify()
         return row.future
 
+    def stop(self) -> None:
+        """End the engine's thread once every window in flight is answered, letting go of the model
+        and the cache (a process that goes on using the GPU without it: the benchmark, the tests)."""
+        with self._arrived:
+            self._stopping = True
+            self._arrived.notify()
+        self._thread.join()
+
     @property
     def in_flight(self) -> int:
         return sum(row is not None for row in self._rows) + len(self._waiting)
@@ -145,6 +154,8 @@ class DecodeEngine:
         while True:
             with self._arrived:
                 while not self._waiting and not any(self._rows):
+                    if self._stopping:
+                        return
                     self._arrived.wait()
             started = time.perf_counter()
             try:

@@ -114,7 +114,7 @@ class Whisper:
             num_languages=self.model.num_languages,
         )
         log.info("Whisper %s on %s (%s)", self.model_ref.tag, self.device, self.dtype)
-        freeze_start_up_objects()  # full collections skip start-up objects: common/garbage_collection.py
+        freeze_start_up_objects(settings.freeze_start_up_objects)  # common/garbage_collection.py
         listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _mels(self, mels: list[np.ndarray]) -> torch.Tensor:

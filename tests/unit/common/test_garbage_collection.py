@@ -37,3 +37,9 @@ def test_cycles_made_after_start_up_are_still_collected(unfrozen_after: None) ->
     del first, second
     gc.collect()
     assert gone() is None
+
+
+def test_the_setting_turns_it_off(unfrozen_after: None) -> None:
+    before = gc.get_freeze_count()
+    freeze_start_up_objects(enabled=False)
+    assert gc.get_freeze_count() == before

@@ -101,3 +101,13 @@ def test_windows_admitted_together_prefill_in_parts_with_the_same_results(model,
     for future, want in zip(futures, expected, strict=True):
         assert_same(future.result(timeout=120), want)
     assert admitted == [5] and passes == [2, 2, 1]
+
+
+def test_stop_answers_the_windows_in_flight_then_ends_the_thread(model):
+    engine = engine_for(model, capacity=2)
+    options = DecodingOptions(language="en", fp16=False, sample_len=6)
+    expected = whisper.decode(model, chirp_mels(model, 1)[0], options)
+    future = engine.submit(chirp_mels(model, 1)[0], options, "en")
+    engine.stop()
+    assert not engine._thread.is_alive()
+    assert_same(future.result(timeout=0), expected)
