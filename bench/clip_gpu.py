@@ -762,6 +762,11 @@ def main() -> None:
     os.environ["MULTIMODAL_CLIP_CUDA_GRAPHS"] = "false" if args.no_cuda_graphs else "true"
 
     home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
+    path = args.out / f"clip_{args.shape}.json"
+
+    def save() -> None:  # after each part: a run cut off by the device's time limit keeps what it measured
+        path.write_text(json.dumps(results, indent=2))
+
     write_model(home, args.shape)
     jpegs = photo_jpegs(args.images)
     log(f"{len(jpegs)} JPEGs, {np.mean([len(j) for j in jpegs]) / 1000:.0f} KB on average")
@@ -775,6 +780,7 @@ def main() -> None:
     if args.preparation_threads:
         results["preparation"] = preparation_variants(model_path(home), jpegs, args.preparation_threads)
     results["jpeg_kb_mean"] = float(np.mean([len(j) for j in jpegs]) / 1000)
+    save()
 
     image_bodies = [embeddings_body([data_url(j)]) for j in jpegs]
     text_list = texts(20_000)
@@ -796,6 +802,7 @@ def main() -> None:
         results["service"].append(measure(server, "64 texts a request", "text", text_batches, 32, args))
     finally:
         server.stop()
+        save()
     if args.large_batch:
         # The same service with room for larger batches, where per-batch costs weigh less.
         server = Server(
@@ -810,6 +817,7 @@ def main() -> None:
                 )
         finally:
             server.stop()
+            save()
     for port, also in enumerate(args.also, start=3003):
         # Another configuration of the same service, at the highest level, in the same run.
         overrides = dict(item.split("=", 1) for item in also)
@@ -827,6 +835,7 @@ def main() -> None:
             results["service"].append(measure(server, f"64 texts a request, {label}", "text", text_batches, 32, args))
         finally:
             server.stop()
+            save()
     if args.batching_off_at:
         server = Server(home, args.shape, 3001, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE="1")
         try:
@@ -838,8 +847,7 @@ def main() -> None:
         finally:
             server.stop()
 
-    path = args.out / f"clip_{args.shape}.json"
-    path.write_text(json.dumps(results, indent=2))
+    save()
     results = json.loads(path.read_text())  # keys as strings, as a reader of the file sees them
     plot(results, args.out / f"clip_{args.shape}.png")
     log(f"wrote {path} and its plot")

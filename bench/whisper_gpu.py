@@ -617,6 +617,40 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_timeline(results: dict[str, Any], path: Path, rounds: list[str]) -> None:
+    """Each round's seconds: windows detected and admitted to the decoder, answers given (the
+    service's counters, ``Timeline``) and the GPU's busy share, one panel a round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    served = [(config, name, level) for config, levels in results["served"].items() for name, level in levels.items()
+              if name in rounds and isinstance(level, dict) and "timeline" in level]  # fmt: skip
+    fig, axes = plt.subplots(len(served), 1, figsize=(8, 2.6 * len(served)), squeeze=False, sharex=True)
+    for ax, (config, name, level) in zip(axes[:, 0], served, strict=True):
+        columns = level["timeline"]["columns"]
+        rows = np.array(level["timeline"]["rows"])
+        t = rows[:, 0]
+        for column, color in (("windows_detected", "tab:orange"), ("windows_admitted", "tab:blue")):
+            ax.step(t, rows[:, columns.index(column)], where="post", color=color, label=column.replace("_", " "))
+        answers = rows[:, columns.index("transcribed")]
+        ax.step(t, answers * rows[:, columns.index("windows_admitted")].max() / max(level["requests"], 1),
+                where="post", color="tab:green", label=f"answers (of {level['requests']}, scaled)")  # fmt: skip
+        busy = level["gpu_busy_every_200ms"]
+        gpu = ax.twinx()
+        gpu.fill_between(0.2 * np.arange(1, len(busy) + 1), busy, step="pre", alpha=0.15, color="gray")
+        gpu.set_ylim(0, 105)
+        gpu.set_ylabel("GPU busy %")
+        ax.set_ylabel("windows")
+        ax.set_title(f"{name}: {level['audio_s_per_s']:.0f} audio s/s ({config})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("seconds from the round's start")
+    fig.suptitle(f"Whisper large-v3 shape, 32 recordings of 30-120 s ({results['gpu']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def run(args: argparse.Namespace) -> None:
     import soundfile
     import torch
@@ -682,6 +716,7 @@ def run(args: argparse.Namespace) -> None:
     (out / "whisper_gpu.json").write_text(json.dumps(results, indent=1))
     if "transcribe" in results:
         plot(results, out / "whisper_gpu.png")
+    plot_timeline(results, out / "whisper_timeline.png", ["32 concurrent", "32 concurrent, language given"])
     log(f"results in {out}")
 
 
@@ -716,9 +751,15 @@ def main() -> None:
         "for example MULTIMODAL_WHISPER_MAX_BATCH_SIZE=128",
     )  # fmt: skip
     measure.add_argument("--profile", action="store_true", help="py-spy both services in each round of 32 concurrent")
+    timeline = commands.add_parser("timeline", help="plot the rounds' timelines of a run's JSON")
+    timeline.add_argument("json", type=Path)
+    timeline.add_argument("--out", type=Path, required=True)
+    timeline.add_argument("--rounds", nargs="+", default=["32 concurrent", "32 concurrent, language given"])
     args = parser.parse_args()
     if args.command == "speech":
         write_speech(Path(args.out), args.minutes)
+    elif args.command == "timeline":
+        plot_timeline(json.loads(args.json.read_text()), args.out, args.rounds)
     else:
         run(args)
 

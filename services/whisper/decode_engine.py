@@ -30,7 +30,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
-from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, SuppressBlank, SuppressTokens
+from whisper.decoding import (
+    DecodingOptions,
+    DecodingResult,
+    DecodingTask,
+    SuppressBlank,
+    SuppressTokens,
+    detect_language,
+)
 from whisper.model import Whisper
 from whisper.tokenizer import get_tokenizer
 from whisper.utils import compression_ratio
@@ -58,6 +65,12 @@ class _Plan:
 
 
 @dataclass
+class _Detection:
+    window: torch.Tensor  # a log-mel, n_mels x 3000
+    future: Future[dict[str, float]]
+
+
+@dataclass
 class _Row:
     window: torch.Tensor  # a log-mel, n_mels x 3000
     options: DecodingOptions  # with the window's language
@@ -68,10 +81,11 @@ class _Row:
 
 
 class DecodeEngine:
-    """Decodes submitted windows on ``decoder``'s shared cache, one row each, on a thread of its own.
+    """Decodes submitted windows on ``decoder``'s shared cache, one row each, on a thread of its own,
+    and detects the language of windows submitted for it between two steps, beside the prefills.
 
-    ``lock`` is held around every use of the model (a step, a prefill), so other model calls of
-    the service (language detection, word alignment) run between steps, not behind whole decodes.
+    ``lock`` is held around every use of the model (a step, a prefill, a detection), so other model
+    calls of the service (word alignment) run between steps, not behind whole decodes.
     """
 
     def __init__(
@@ -82,11 +96,13 @@ class DecodeEngine:
         steps_between_checks: int = 4,
         on_admitted: Callable[[int], None] | None = None,
         on_steps: Callable[[float], None] | None = None,
+        on_detected: Callable[[int, float], None] | None = None,
     ) -> None:
-        """``on_admitted(windows)`` after each prefill, ``on_steps(seconds)`` after each round of steps (metrics)."""
+        """``on_admitted(windows)`` after each prefill, ``on_steps(seconds)`` after each round of steps,
+        ``on_detected(windows, seconds)`` after each pass of language detection (metrics)."""
         self.model, self.decoder, self.lock = model, decoder, lock
         self.steps_between_checks = steps_between_checks
-        self.on_admitted, self.on_steps = on_admitted, on_steps
+        self.on_admitted, self.on_steps, self.on_detected = on_admitted, on_steps, on_detected
         self.capacity = decoder.cache.rows
         device, rows, n_ctx = decoder.device, self.capacity, model.dims.n_text_ctx
         vocabulary = model.dims.n_vocab
@@ -107,6 +123,7 @@ class DecodeEngine:
         self.sum_logprobs = zeros(rows, dtype=torch.float32)
         self._rows: list[_Row | None] = [None] * rows
         self._waiting: deque[_Row] = deque()
+        self._detections: deque[_Detection] = deque()
         self._arrived = threading.Condition()
         self._sampling = False  # whether any live row samples (the greedy path skips the sampler)
         self._plans: dict[str, _Plan] = {}
@@ -136,6 +153,17 @@ class DecodeEngine:
             self._arrived.notify()
         return row.future
 
+    def detect(self, window: torch.Tensor) -> Future[dict[str, float]]:
+        """The language probabilities of one log-mel window, as ``whisper.decoding.detect_language``
+        gives them. On the engine's thread, so that a detection neither waits for a batcher's window
+        nor contends with the steps for the model: it runs at the next check, with every detection
+        then waiting, before that check's prefills."""
+        detection = _Detection(window, Future())
+        with self._arrived:
+            self._detections.append(detection)
+            self._arrived.notify()
+        return detection.future
+
     def stop(self) -> None:
         """End the engine's thread once every window in flight is answered, letting go of the model
         and the cache (a process that goes on using the GPU without it: the benchmark, the tests)."""
@@ -153,10 +181,11 @@ class DecodeEngine:
     def _serve(self) -> None:
         while True:
             with self._arrived:
-                while not self._waiting and not any(self._rows):
+                while not self._waiting and not self._detections and not any(self._rows):
                     if self._stopping:
                         return
                     self._arrived.wait()
+            self._detect()
             started = time.perf_counter()
             try:
                 with torch.no_grad():
@@ -166,11 +195,33 @@ class DecodeEngine:
                         for _ in range(self.steps_between_checks if size else 0):
                             self._step(size, self._keys_read())
                     self._finish()
-                if self.on_steps is not None:
+                if self.on_steps is not None and size:
                     self.on_steps(time.perf_counter() - started)
             except Exception as exc:  # every window in flight gets the error; the engine goes on
                 log.exception("Whisper decode engine failed")
                 self._fail_all(exc)
+
+    def _detect(self) -> None:
+        """Every detection waiting, at most ``PREFILL_ROWS`` windows a pass (the encoder's memory)."""
+        with self._arrived:
+            detections = [d for d in self._detections if d.future.set_running_or_notify_cancel()]
+            self._detections.clear()
+        for first in range(0, len(detections), PREFILL_ROWS):
+            part = detections[first : first + PREFILL_ROWS]
+            started = time.perf_counter()
+            try:
+                mels = torch.stack([d.window for d in part]).to(self.decoder.device, self.decoder.dtype)
+                with self.lock, torch.no_grad():
+                    _, probabilities = detect_language(self.model, mels)
+            except Exception as exc:  # these windows get the error; the rows decoding go on
+                log.exception("Whisper language detection failed")
+                for detection in part:
+                    detection.future.set_exception(exc)
+                continue
+            for detection, language_probabilities in zip(part, probabilities, strict=True):
+                detection.future.set_result(language_probabilities)
+            if self.on_detected is not None:
+                self.on_detected(len(part), time.perf_counter() - started)
 
     def _free_slots(self) -> list[int]:
         return [slot for slot, row in enumerate(self._rows) if row is None]

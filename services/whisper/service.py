@@ -11,7 +11,9 @@ cache of fixed size whose every step is one CUDA graph on a GPU (``services.whis
 ``static`` decodes BentoML's batches whole on the same cache, grouped by ``DecodingOptions``;
 ``reference`` runs openai-whisper's own step loop, launch-bound on a GPU, the default on a CPU. Windows in different
 languages share a pass, each row starting with its own language token. Every window gets the
-tokens it gets alone: rows never interact.
+tokens it gets alone: rows never interact. With the continuous decoder, language detection runs on
+the engine's thread too, between two steps (``DecodeEngine.detect``), rather than behind BentoML's
+batcher and the engine's hold on the model.
 
 On a GPU, the Linear, Conv1d and Embedding weights are stored in fp16 once: openai-whisper
 otherwise casts fp32 parameters to fp16 on every forward, which makes a decoder step ~3x slower
@@ -50,7 +52,7 @@ from services.whisper.alignment_heads import set_stored_alignment_heads
 from services.whisper.decode_engine import DecodeEngine
 from services.whisper.decoding import BatchDecodingTask
 from services.whisper.protocol import AlignJob, Mel, WhisperModelCard, WindowJob, WindowResult, WordTiming
-from services.whisper.static_decoder import StaticDecoder
+from services.whisper.static_decoder import PREFILL_ROWS, StaticDecoder
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -101,7 +103,12 @@ class Whisper:
         if DECODER == "continuous":
             assert self.static_decoder is not None
             self.engine = DecodeEngine(
-                self.model, self.static_decoder, self._lock, on_admitted=self._admitted, on_steps=self._stepped
+                self.model,
+                self.static_decoder,
+                self._lock,
+                on_admitted=self._admitted,
+                on_steps=self._stepped,
+                on_detected=self._detected,
             )
         self._warm_up()
         dims = asdict(self.model.dims)
@@ -154,6 +161,9 @@ class Whisper:
                     futures = [self.engine.submit(window, options, "en") for window in silence[:rows]]
                     for future in futures:
                         future.result()
+                    if self.model.is_multilingual and rows <= PREFILL_ROWS:  # detection's encoder passes too
+                        for detection in [self.engine.detect(window) for window in silence[:rows]]:
+                            detection.result()
                 else:
                     BatchDecodingTask(self.model, options, static_decoder=self.static_decoder).run(
                         silence[:rows].to(self.device, self.dtype)
@@ -165,6 +175,10 @@ class Whisper:
 
     def _stepped(self, seconds: float) -> None:
         metrics.WHISPER_BATCH_DURATION.labels("decode").observe(seconds)
+
+    def _detected(self, windows: int, seconds: float) -> None:
+        metrics.WHISPER_BATCH_SIZE.labels("detect_language").observe(windows)
+        metrics.WHISPER_BATCH_DURATION.labels("detect_language").observe(seconds)
 
     def _decode(self, mel: torch.Tensor, options: DecodingOptions, languages: list[str | None]) -> list[DecodingResult]:
         given = languages if self.model.is_multilingual and None not in languages else None
@@ -223,14 +237,27 @@ class Whisper:
             self._observe("decode", len(indices), started)
         return results  # type: ignore[return-value]
 
-    @window_api
-    def detect_language(self, mels: list[Mel]) -> list[dict[str, float]]:
-        """Language probabilities of each window (``whisper.decoding.detect_language``, batched)."""
-        started = time.perf_counter()
-        with self._lock, torch.no_grad():
-            _, probabilities = detect_language(self.model, self._mels(mels))
-        self._observe("detect_language", len(mels), started)
-        return probabilities
+    if DECODER == "continuous":
+
+        @bentoml.api
+        async def detect_language(self, mels: list[Mel]) -> list[dict[str, float]]:
+            """Language probabilities of each window (``whisper.decoding.detect_language``), detected by the
+            engine between two steps with every other window then waiting for it."""
+            assert self.engine is not None
+            engine = self.engine
+            detections = [engine.detect(torch.from_numpy(np.asarray(mel, dtype=np.float32))) for mel in mels]
+            return list(await asyncio.gather(*map(asyncio.wrap_future, detections)))
+
+    else:
+
+        @window_api
+        def detect_language(self, mels: list[Mel]) -> list[dict[str, float]]:
+            """Language probabilities of each window (``whisper.decoding.detect_language``, batched)."""
+            started = time.perf_counter()
+            with self._lock, torch.no_grad():
+                _, probabilities = detect_language(self.model, self._mels(mels))
+            self._observe("detect_language", len(mels), started)
+            return probabilities
 
     @bentoml.api
     def align_words(self, job: AlignJob) -> list[WordTiming]:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 import whisper
 from whisper.decoding import DecodingOptions
@@ -111,3 +112,33 @@ def test_stop_answers_the_windows_in_flight_then_ends_the_thread(model):
     engine.stop()
     assert not engine._thread.is_alive()
     assert_same(future.result(timeout=0), expected)
+
+
+def test_detection_beside_a_running_decode_gives_detect_language_s_probabilities(model):
+    from whisper.decoding import detect_language
+
+    engine = engine_for(model, capacity=2)
+    windows = chirp_mels(model, 4)
+    options = DecodingOptions(language="en", fp16=False, sample_len=12)
+    decoding = engine.submit(windows[0], options, "en")
+    detections = [engine.detect(window) for window in windows[1:]]
+    _, expected = detect_language(model, windows[1:])
+    for detection, probabilities in zip(detections, expected, strict=True):
+        detected = detection.result(timeout=60)
+        assert detected.keys() == probabilities.keys()
+        np.testing.assert_allclose(list(detected.values()), list(probabilities.values()), atol=1e-6)
+    assert_same(decoding.result(timeout=60), whisper.decode(model, windows[0], options))
+    engine.stop()
+
+
+def test_a_failed_detection_fails_only_its_windows(model):
+    engine = engine_for(model, capacity=2)
+    windows = chirp_mels(model, 1)
+    options = DecodingOptions(language="en", fp16=False, sample_len=6)
+    decoding = engine.submit(windows[0], options, "en")
+    wrong = engine.detect(torch.zeros(3, 7))  # not a log-mel window: the encoder refuses it
+    with pytest.raises(RuntimeError):
+        wrong.result(timeout=60)
+    assert_same(decoding.result(timeout=60), whisper.decode(model, windows[0], options))
+    assert engine.detect(windows[0]).result(timeout=60)  # the engine goes on detecting
+    engine.stop()
