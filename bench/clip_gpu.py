@@ -764,8 +764,12 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="bench-clip-"))
     path = args.out / f"clip_{args.shape}.json"
 
-    def save() -> None:  # after each part: a run cut off by the device's time limit keeps what it measured
+    def save() -> None:  # after each level: a run cut off by the device's time limit keeps what it measured
         path.write_text(json.dumps(results, indent=2))
+
+    def record(level: dict) -> None:
+        results["service"].append(level)
+        save()
 
     write_model(home, args.shape)
     jpegs = photo_jpegs(args.images)
@@ -795,14 +799,13 @@ def main() -> None:
         log("server ready; warming up")
         measure(server, "warm-up", "image", image_bodies, 1, args)
         for level in args.levels:
-            results["service"].append(measure(server, "images", "image", image_bodies, level, args))
-        results["service"].append(measure(server, "images, 1 client after load", "image", image_bodies, 1, args))
+            record(measure(server, "images", "image", image_bodies, level, args))
+        record(measure(server, "images, 1 client after load", "image", image_bodies, 1, args))
         for level in args.text_levels:
-            results["service"].append(measure(server, "single texts", "text", single_texts, level, args))
-        results["service"].append(measure(server, "64 texts a request", "text", text_batches, 32, args))
+            record(measure(server, "single texts", "text", single_texts, level, args))
+        record(measure(server, "64 texts a request", "text", text_batches, 32, args))
     finally:
         server.stop()
-        save()
     if args.large_batch:
         # The same service with room for larger batches, where per-batch costs weigh less.
         server = Server(
@@ -812,12 +815,9 @@ def main() -> None:
             server.wait_ready()
             measure(server, "warm-up", "image", image_bodies, 256, args)
             for level in (256, 512):
-                results["service"].append(
-                    measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args)
-                )
+                record(measure(server, f"images, max batch {args.large_batch}", "image", image_bodies, level, args))
         finally:
             server.stop()
-            save()
     for port, also in enumerate(args.also, start=3003):
         # Another configuration of the same service, at the highest level, in the same run.
         overrides = dict(item.split("=", 1) for item in also)
@@ -826,24 +826,17 @@ def main() -> None:
         try:
             server.wait_ready()
             measure(server, "warm-up", "image", image_bodies, 256, args)
-            results["service"].append(
-                measure(server, f"images, {label}", "image", image_bodies, max(args.levels), args)
-            )
-            results["service"].append(
-                measure(server, f"single texts, {label}", "text", single_texts, max(args.text_levels), args)
-            )
-            results["service"].append(measure(server, f"64 texts a request, {label}", "text", text_batches, 32, args))
+            record(measure(server, f"images, {label}", "image", image_bodies, max(args.levels), args))
+            record(measure(server, f"single texts, {label}", "text", single_texts, max(args.text_levels), args))
+            record(measure(server, f"64 texts a request, {label}", "text", text_batches, 32, args))
         finally:
             server.stop()
-            save()
     if args.batching_off_at:
         server = Server(home, args.shape, 3001, args.gateway_workers, MULTIMODAL_CLIP_MAX_BATCH_SIZE="1")
         try:
             server.wait_ready()
             measure(server, "warm-up", "image", image_bodies, 16, args)
-            results["service"].append(
-                measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args)
-            )
+            record(measure(server, "images, batching off", "image", image_bodies, args.batching_off_at, args))
         finally:
             server.stop()
 

@@ -456,7 +456,8 @@ class Server(ServedProduct):
 class Timeline:
     """The service's counters every 0.2 s while a round runs, as rows of ``TIMELINE`` (seconds from
     the start, then cumulative counts): when uploads were decoded, languages detected, windows
-    admitted to the decoder and answers given, so the seconds before the GPU is full have names."""
+    admitted to the decoder and answers given, so the seconds before the GPU is full have names.
+    Each sample is a scrape of the entry service's ``/metrics``: the round's figures include that load."""
 
     TIMELINE = ("t_s", "audio_decoded", "languages_detected", "windows_detected", "windows_admitted", "transcribed")
 
@@ -476,7 +477,11 @@ class Timeline:
         keys = ("stage_decode_audio_count", "stage_detect_language_count", "detected_windows",
                 "whisper_batch_size_sum", "stage_transcribe_count")  # fmt: skip
         while not self._stop.wait(0.2):
-            values = self.server.whisper_metrics()
+            try:
+                values = self.server.whisper_metrics()
+            except Exception as exc:  # a scrape that failed (the server busy past its timeout): a gap
+                log(f"timeline: a scrape failed ({exc!r})")
+                continue
             t = round(time.perf_counter() - self._started, 2)
             self.rows.append([t, *(values.get(k, 0.0) - self._base.get(k, 0.0) for k in keys)])
 
@@ -625,8 +630,12 @@ def plot_timeline(results: dict[str, Any], path: Path, rounds: list[str]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    served = [(config, name, level) for config, levels in results["served"].items() for name, level in levels.items()
-              if name in rounds and isinstance(level, dict) and "timeline" in level]  # fmt: skip
+    served = [(config, name, level) for config, levels in results.get("served", {}).items()
+              for name, level in levels.items()
+              if name in rounds and isinstance(level, dict) and level.get("timeline", {}).get("rows")]  # fmt: skip
+    if not served:  # no round with a timeline (an older run's JSON, or no decoder served)
+        log(f"no timeline to plot in rounds {rounds}")
+        return
     fig, axes = plt.subplots(len(served), 1, figsize=(8, 2.6 * len(served)), squeeze=False, sharex=True)
     for ax, (config, name, level) in zip(axes[:, 0], served, strict=True):
         columns = level["timeline"]["columns"]

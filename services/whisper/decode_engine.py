@@ -25,11 +25,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
+from whisper.audio import N_FRAMES
 from whisper.decoding import (
     DecodingOptions,
     DecodingResult,
@@ -147,22 +148,37 @@ class DecodeEngine:
         return language is not None and options.beam_size is None and options.best_of in (None, 1)
 
     def submit(self, window: torch.Tensor, options: DecodingOptions, language: str) -> Future[DecodingResult]:
+        self._check_window(window)
         row = _Row(window, replace(options, language=language), Future())
         with self._arrived:
+            self._check_running()
             self._waiting.append(row)
             self._arrived.notify()
         return row.future
 
-    def detect(self, window: torch.Tensor) -> Future[dict[str, float]]:
-        """The language probabilities of one log-mel window, as ``whisper.decoding.detect_language``
+    def detect(self, windows: Sequence[torch.Tensor]) -> list[Future[dict[str, float]]]:
+        """The language probabilities of each log-mel window, as ``whisper.decoding.detect_language``
         gives them. On the engine's thread, so that a detection neither waits for a batcher's window
-        nor contends with the steps for the model: it runs at the next check, with every detection
+        nor contends with the steps for the model: they run at the next check, with every detection
         then waiting, before that check's prefills."""
-        detection = _Detection(window, Future())
+        for window in windows:
+            self._check_window(window)
+        detections = [_Detection(window, Future()) for window in windows]
         with self._arrived:
-            self._detections.append(detection)
+            self._check_running()
+            self._detections.extend(detections)
             self._arrived.notify()
-        return detection.future
+        return [detection.future for detection in detections]
+
+    def _check_window(self, window: torch.Tensor) -> None:
+        """Refuse a window of the wrong shape here: in a pass it would fail the other windows with it."""
+        shape = (self.model.dims.n_mels, N_FRAMES)
+        if tuple(window.shape) != shape:
+            raise ValueError(f"a window is a log-mel of shape {shape}, not {tuple(window.shape)}")
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise RuntimeError("the Whisper decode engine has stopped")
 
     def stop(self) -> None:
         """End the engine's thread once every window in flight is answered, letting go of the model
@@ -179,27 +195,41 @@ class DecodeEngine:
     # The loop
 
     def _serve(self) -> None:
-        while True:
-            with self._arrived:
-                while not self._waiting and not self._detections and not any(self._rows):
-                    if self._stopping:
-                        return
-                    self._arrived.wait()
-            self._detect()
-            started = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    self._admit()
-                    with self.lock:
-                        size = self._step_size()
-                        for _ in range(self.steps_between_checks if size else 0):
-                            self._step(size, self._keys_read())
-                    self._finish()
-                if self.on_steps is not None and size:
-                    self.on_steps(time.perf_counter() - started)
-            except Exception as exc:  # every window in flight gets the error; the engine goes on
-                log.exception("Whisper decode engine failed")
-                self._fail_all(exc)
+        try:
+            while True:
+                with self._arrived:
+                    while not self._waiting and not self._detections and not any(self._rows):
+                        if self._stopping:
+                            return
+                        self._arrived.wait()
+                try:
+                    self._detect()
+                    started = time.perf_counter()
+                    with torch.no_grad():
+                        self._admit()
+                        with self.lock:
+                            size = self._step_size()
+                            for _ in range(self.steps_between_checks if size else 0):
+                                self._step(size, self._keys_read())
+                        self._finish()
+                    if size:
+                        _notify(self.on_steps, time.perf_counter() - started)
+                except Exception as exc:  # every window in flight gets the error; the engine goes on
+                    log.exception("Whisper decode engine failed")
+                    self._fail_all(exc)
+        finally:  # stopped, or a failure the loop could not survive: nothing may wait on it forever
+            self._close()
+
+    def _close(self) -> None:
+        with self._arrived:
+            self._stopping = True
+            left: list[_Row | _Detection] = [*self._waiting, *self._detections]
+            self._waiting.clear()
+            self._detections.clear()
+        left += [row for row in self._rows if row is not None]
+        for job in left:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the Whisper decode engine has stopped"))
 
     def _detect(self) -> None:
         """Every detection waiting, at most ``PREFILL_ROWS`` windows a pass (the encoder's memory)."""
@@ -220,8 +250,7 @@ class DecodeEngine:
                 continue
             for detection, language_probabilities in zip(part, probabilities, strict=True):
                 detection.future.set_result(language_probabilities)
-            if self.on_detected is not None:
-                self.on_detected(len(part), time.perf_counter() - started)
+            _notify(self.on_detected, len(part), time.perf_counter() - started)
 
     def _free_slots(self) -> list[int]:
         return [slot for slot, row in enumerate(self._rows) if row is None]
@@ -249,8 +278,7 @@ class DecodeEngine:
             for length, rows in groups.items():
                 for first in range(0, len(rows), PREFILL_ROWS):
                     self._prefill(rows[first : first + PREFILL_ROWS], length)
-        if self.on_admitted is not None:
-            self.on_admitted(len(admitted))
+        _notify(self.on_admitted, len(admitted))
 
     def _prefill(self, rows: list[_Row], length: int) -> None:
         device, decoder = self.decoder.device, self.decoder
@@ -431,6 +459,16 @@ class DecodeEngine:
                 self._plans.clear()
             self._plans[key] = _plan(self.model, options)
         return self._plans[key]
+
+
+def _notify(callback: Callable[..., None] | None, *args: float) -> None:
+    """A metrics callback; one that fails is logged and fails no window."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("a Whisper decode engine callback failed")
 
 
 def _plan(model: Whisper, options: DecodingOptions) -> _Plan:

@@ -162,7 +162,7 @@ class Whisper:
                     for future in futures:
                         future.result()
                     if self.model.is_multilingual and rows <= PREFILL_ROWS:  # detection's encoder passes too
-                        for detection in [self.engine.detect(window) for window in silence[:rows]]:
+                        for detection in self.engine.detect(list(silence[:rows])):
                             detection.result()
                 else:
                     BatchDecodingTask(self.model, options, static_decoder=self.static_decoder).run(
@@ -175,10 +175,12 @@ class Whisper:
 
     def _stepped(self, seconds: float) -> None:
         metrics.WHISPER_BATCH_DURATION.labels("decode").observe(seconds)
+        metrics.record_gpu()
 
     def _detected(self, windows: int, seconds: float) -> None:
         metrics.WHISPER_BATCH_SIZE.labels("detect_language").observe(windows)
         metrics.WHISPER_BATCH_DURATION.labels("detect_language").observe(seconds)
+        metrics.record_gpu()
 
     def _decode(self, mel: torch.Tensor, options: DecodingOptions, languages: list[str | None]) -> list[DecodingResult]:
         given = languages if self.model.is_multilingual and None not in languages else None
@@ -245,7 +247,7 @@ class Whisper:
             engine between two steps with every other window then waiting for it."""
             assert self.engine is not None
             engine = self.engine
-            detections = [engine.detect(torch.from_numpy(np.asarray(mel, dtype=np.float32))) for mel in mels]
+            detections = engine.detect([torch.from_numpy(np.asarray(mel, dtype=np.float32)) for mel in mels])
             return list(await asyncio.gather(*map(asyncio.wrap_future, detections)))
 
     else:

@@ -117,28 +117,70 @@ def test_stop_answers_the_windows_in_flight_then_ends_the_thread(model):
 def test_detection_beside_a_running_decode_gives_detect_language_s_probabilities(model):
     from whisper.decoding import detect_language
 
-    engine = engine_for(model, capacity=2)
     windows = chirp_mels(model, 4)
-    options = DecodingOptions(language="en", fp16=False, sample_len=12)
-    decoding = engine.submit(windows[0], options, "en")
-    detections = [engine.detect(window) for window in windows[1:]]
+    options = DecodingOptions(language="en", fp16=False)
     _, expected = detect_language(model, windows[1:])
+    expected_decode = whisper.decode(model, windows[0], options)
+    assert len(expected_decode.tokens) > 20  # long enough to be running when the detections come
+    engine = engine_for(model, capacity=2)
+    decoding = engine.submit(windows[0], options, "en")
+    time.sleep(0.05)
+    assert not decoding.done()  # the detections run between its steps
+    detections = engine.detect(list(windows[1:]))
     for detection, probabilities in zip(detections, expected, strict=True):
         detected = detection.result(timeout=60)
         assert detected.keys() == probabilities.keys()
         np.testing.assert_allclose(list(detected.values()), list(probabilities.values()), atol=1e-6)
-    assert_same(decoding.result(timeout=60), whisper.decode(model, windows[0], options))
+    assert_same(decoding.result(timeout=60), expected_decode)
     engine.stop()
 
 
-def test_a_failed_detection_fails_only_its_windows(model):
+def test_a_window_of_the_wrong_shape_is_refused_before_it_joins_a_pass(model):
     engine = engine_for(model, capacity=2)
-    windows = chirp_mels(model, 1)
-    options = DecodingOptions(language="en", fp16=False, sample_len=6)
-    decoding = engine.submit(windows[0], options, "en")
-    wrong = engine.detect(torch.zeros(3, 7))  # not a log-mel window: the encoder refuses it
-    with pytest.raises(RuntimeError):
-        wrong.result(timeout=60)
-    assert_same(decoding.result(timeout=60), whisper.decode(model, windows[0], options))
-    assert engine.detect(windows[0]).result(timeout=60)  # the engine goes on detecting
+    good = chirp_mels(model, 1)[0]
+    with pytest.raises(ValueError, match="shape"):
+        engine.detect([good, torch.zeros(3, 7)])
+    with pytest.raises(ValueError, match="shape"):
+        engine.submit(good[:, :100], DecodingOptions(language="en", fp16=False), "en")
+    assert engine.in_flight == 0 and not engine._detections  # nothing of either call was queued
+    assert engine.detect([good])[0].result(timeout=60)
     engine.stop()
+
+
+def test_a_failing_metrics_callback_fails_no_window(model):
+    def broken(*_: object) -> None:
+        raise RuntimeError("a metrics backend is down")
+
+    decoder = StaticDecoder(model, capacity=2, dtype=torch.float32, use_graphs=False)
+    engine = DecodeEngine(model, decoder, threading.Lock(), on_admitted=broken, on_steps=broken, on_detected=broken)
+    window, options = chirp_mels(model, 1)[0], DecodingOptions(language="en", fp16=False, sample_len=6)
+    assert engine.detect([window])[0].result(timeout=60)
+    assert_same(engine.submit(window, options, "en").result(timeout=60), whisper.decode(model, window, options))
+    engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death, on purpose
+def test_nothing_waits_forever_on_an_engine_that_stopped_or_died(model, monkeypatch):
+    engine = engine_for(model, capacity=2)
+    engine.stop()
+    window, options = chirp_mels(model, 1)[0], DecodingOptions(language="en", fp16=False, sample_len=6)
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit(window, options, "en")
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.detect([window])
+
+    dying = engine_for(model, capacity=2)
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("a sticky CUDA error")
+
+    # A failure the loop cannot survive: its own error handling fails too, and the thread ends.
+    monkeypatch.setattr(dying, "_admit", fail)
+    monkeypatch.setattr(dying, "_fail_all", fail)
+    decoding = dying.submit(window, options, "en")
+    with pytest.raises(RuntimeError):
+        decoding.result(timeout=60)
+    dying._thread.join(timeout=60)
+    assert not dying._thread.is_alive()
+    with pytest.raises(RuntimeError, match="stopped"):
+        dying.detect([window])
