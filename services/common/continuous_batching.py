@@ -100,7 +100,9 @@ class ContinuousBatcher(Generic[Item, Prepared]):
         self._prepare, self._run = prepare, run
         self.max_batch, self.max_wait_seconds, self.name = max_batch, max_wait_seconds, name
         self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-prepare")
-        self._state: _LoopState[Item, Prepared] | None = None
+        # One set of stages per event loop: an in-process test client may serve on several, at once.
+        self._states: dict[asyncio.AbstractEventLoop, _LoopState[Item, Prepared]] = {}
+        self._states_lock = threading.Lock()  # those loops run on threads of their own
 
     async def __call__(self, items: list[Item]) -> np.ndarray:
         if not items:
@@ -115,25 +117,37 @@ class ContinuousBatcher(Generic[Item, Prepared]):
 
     @property
     def queued(self) -> int:
-        return len(self._state.waiting) if self._state else 0
+        with self._states_lock:
+            return sum(len(state.waiting) for state in self._states.values())
 
     def _started(self) -> _LoopState[Item, Prepared]:
+        """This loop's stages, started on its first call, or afresh after a stage ended on a bug.
+
+        Only this loop's stages are touched here: asyncio's tasks and futures may be handled only on
+        their own loop's thread, and another loop's callers may still be waiting on theirs."""
         loop = asyncio.get_running_loop()
-        # A new loop, or a stage that ended on a bug: start the stages afresh.
-        old = self._state
-        if old is not None and old.loop is loop and not old.ended:
-            return old
+        with self._states_lock:
+            for other in [other for other in self._states if other.is_closed()]:
+                self._states.pop(other).prepared.put(None)  # its model thread ends; nobody is left to answer
+            old = self._states.get(loop)
+            if old is not None and not old.ended:
+                return old
+            return self._start(loop, old)
+
+    def _start(
+        self, loop: asyncio.AbstractEventLoop, old: _LoopState[Item, Prepared] | None
+    ) -> _LoopState[Item, Prepared]:
+        """Stages for ``loop``, taking over ``old``'s waiting callers (its stages ended on a bug)."""
+        state: _LoopState[Item, Prepared] = _LoopState(loop)
         if old is not None:
             for task in old.tasks:
                 task.cancel()
-            old.prepared.put(None)  # the model thread moves on to the new state's batches
-        state: _LoopState[Item, Prepared] = _LoopState(loop)
-        if old is not None and old.loop is loop:
+            old.prepared.put(None)  # the old model thread, if alive, ends; the new one takes over
             state.waiting = old.waiting  # its callers are still waiting on this loop
         state.tasks = [loop.create_task(self._prepare_stage(state))]
         state.model = threading.Thread(target=self._model_loop, args=(state,), name=f"{self.name}-model", daemon=True)
         state.model.start()
-        self._state = state
+        self._states[loop] = state
         return state
 
     async def _take(self, state: _LoopState[Item, Prepared]) -> list[_Waiting[Item]]:

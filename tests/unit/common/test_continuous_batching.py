@@ -171,6 +171,28 @@ def test_the_batcher_serves_callers_on_a_new_event_loop() -> None:
         np.testing.assert_array_equal(rows[:, 0], [40, 50])
 
 
+def test_callers_on_two_event_loops_at_once_are_each_served() -> None:
+    """Each loop has its own stages: a second loop starting used to cancel the first one's stages
+    from the wrong thread, and the first loop's callers then waited for good."""
+    batches = batcher(Recorder(run_seconds=0.01))
+    first_running = threading.Event()
+    answers: dict[str, list[float]] = {}
+
+    async def calls(name: str, base: int) -> None:
+        for i in range(20):
+            rows = await asyncio.wait_for(batches([base + i]), timeout=10)
+            answers.setdefault(name, []).append(float(rows[0, 0]))
+            first_running.set()
+
+    first = threading.Thread(target=asyncio.run, args=(calls("first", 0),))
+    first.start()
+    assert first_running.wait(10)
+    asyncio.run(calls("second", 100))  # while the first loop is still calling
+    first.join(30)
+    assert not first.is_alive()
+    assert answers == {"first": [10.0 * i for i in range(20)], "second": [10.0 * (100 + i) for i in range(20)]}
+
+
 def test_a_process_that_used_the_batcher_exits() -> None:
     """The model thread waits on its queue for good once the loop is gone: it must not hold up exit
     (a CLIP worker stopping on SIGTERM, a test run ending)."""
