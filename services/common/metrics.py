@@ -89,7 +89,8 @@ WHISPER_BATCH_DURATION = Histogram(
     "whisper_batch_duration_seconds", "Time to decode one batch of windows", ["kind"], buckets=LATENCY_BUCKETS
 )
 # Where a transcription's time goes, per request (entry service): reading and decoding the upload,
-# detecting the language of a long recording (a model call before any window), and transcribing.
+# detecting the language of a long recording (a model call its chunks' windows wait for, while
+# their log-mels are made), and transcribing (from the chunks' start: the detection inside it).
 WHISPER_STAGE_DURATION = Histogram(
     "whisper_stage_duration_seconds",
     "Time a transcription spends in each stage: decode_audio, detect_language, transcribe (its windows' "

@@ -64,6 +64,7 @@ from functools import partial
 from typing import Any, Literal
 
 import numpy as np
+import torch
 import whisper
 import whisper.timing
 from fastapi import UploadFile
@@ -119,6 +120,16 @@ class Transcript:
     language: str  # ISO 639-1 code
     duration: float
     segments: list[dict[str, Any]]  # transcribe's segments, on the recording's time line
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _first_window(samples: np.ndarray, n_mels: int) -> torch.Tensor:
+    """The log-mel window transcribe detects a language from: the first 30 s, padded to 30 s."""
+    return pad_or_trim(log_mel_spectrogram(samples[:N_SAMPLES], n_mels, padding=N_SAMPLES), N_FRAMES)
 
 
 def _subtitles(writer: type[WriteSRT] | type[WriteVTT], segments: list[dict[str, Any]]) -> str:
@@ -205,20 +216,29 @@ class WhisperAPI:
         # Closing the ticket (on success, failure or a client gone) drops the request's
         # waiting windows, and its chunks still running stop at their next window.
         with self._admit(len(chunks)) as ticket:
-            model = RemoteWhisper(card, self._client, ticket, loop)
+            detection: asyncio.Task[dict[str, float]] | None = None
             if len(chunks) > 1 and request.language is None and card.multilingual:
-                with metrics.WHISPER_STAGE_DURATION.labels("detect_language").time():
-                    options["language"] = await run(self._detect_language, model, audio.samples)
+                # As transcribe does it: from the first 30 s, once for the whole recording. Each
+                # chunk's transcribe asks for a language after its log-mel, and gets this one: the
+                # chunks make their log-mels while the detection is on its way.
+                detector = RemoteWhisper(card, self._client, ticket, loop)
+                detection = asyncio.ensure_future(self._detect_language(detector, audio.samples))
+                detection.add_done_callback(_retrieve)  # chunks that failed first never look at it
+            model = RemoteWhisper(card, self._client, ticket, loop, recording_language=detection)
             transcribe = partial(whisper.transcribe, model, **options)
             # With conditioning off, transcribe prompts its first window only; so here, the first chunk.
             prompts = [request.prompt or None] + [None] * (len(chunks) - 1)
-            with metrics.WHISPER_STAGE_DURATION.labels("transcribe").time():
-                results = await asyncio.gather(
-                    *(
-                        run(partial(transcribe, initial_prompt=chunk_prompt), audio.samples[a:b])
-                        for (a, b), chunk_prompt in zip(chunks, prompts, strict=True)
+            try:
+                with metrics.WHISPER_STAGE_DURATION.labels("transcribe").time():
+                    results = await asyncio.gather(
+                        *(
+                            run(partial(transcribe, initial_prompt=chunk_prompt), audio.samples[a:b])
+                            for (a, b), chunk_prompt in zip(chunks, prompts, strict=True)
+                        )
                     )
-                )
+            finally:
+                if detection is not None and not detection.done():  # a chunk failed first
+                    detection.cancel()
         return Transcript(
             text="".join(result["text"] for result in results).strip(),
             language=results[0]["language"],
@@ -238,11 +258,11 @@ class WhisperAPI:
             raise APIError(413, message, code="audio_too_long") from None
 
     @staticmethod
-    def _detect_language(model: RemoteWhisper, samples: np.ndarray) -> str:
-        """As ``transcribe`` does it: from the first 30 s, once for the whole recording."""
-        mel = pad_or_trim(log_mel_spectrogram(samples[:N_SAMPLES], model.dims.n_mels, padding=N_SAMPLES), N_FRAMES)
-        _, probabilities = model.detect_language(mel)
-        return max(probabilities, key=probabilities.get)
+    async def _detect_language(model: RemoteWhisper, samples: np.ndarray) -> dict[str, float]:
+        """The language probabilities of the recording's first 30 s, as ``transcribe`` detects them."""
+        with metrics.WHISPER_STAGE_DURATION.labels("detect_language").time():
+            mel = await asyncio.to_thread(_first_window, samples, model.dims.n_mels)
+            return await model.language_probabilities(mel)
 
     async def _run(self, file: UploadFile, request: TranscriptionRequest) -> Transcript:
         started = time.perf_counter()

@@ -74,7 +74,10 @@ class TranscribeResponse(BaseModel):
 
 # Between the entry service and the Whisper service
 
-Mel = Annotated[np.ndarray, WithJsonSchema({"type": "array", "description": "float32 log-mel window (n_mels, 3000)"})]
+Mel = Annotated[
+    np.ndarray,
+    WithJsonSchema({"type": "array", "description": "log-mel window (n_mels, 3000), in the card's mel_dtype"}),
+]
 
 
 class WhisperModelCard(BaseModel):
@@ -86,6 +89,9 @@ class WhisperModelCard(BaseModel):
     dims: dict[str, int]  # whisper.model.ModelDimensions
     multilingual: bool
     num_languages: int
+    # The precision the service computes in: windows travel in it. In float16 a window is half the
+    # bytes across the hop, and the service would cast a float32 one to the same values anyway.
+    mel_dtype: Literal["float32", "float16"] = "float32"
 
 
 class WindowJob(BaseModel):

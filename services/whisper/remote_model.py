@@ -40,39 +40,70 @@ class RemoteWhisper:
     it is routed to the service's ``align_words`` (see ``_find_alignment``), in turn too.
     """
 
-    def __init__(self, card: WhisperModelCard, client: Any, ticket: Ticket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        card: WhisperModelCard,
+        client: Any,
+        ticket: Ticket,
+        loop: asyncio.AbstractEventLoop,
+        recording_language: asyncio.Future[dict[str, float]] | None = None,
+    ) -> None:
+        """``recording_language``: the language probabilities of the whole recording, being detected
+        on ``loop``; ``detect_language`` then answers with them, whatever window it is given."""
         self.dims = ModelDimensions(**card.dims)
         self.is_multilingual, self.num_languages = card.multilingual, card.num_languages
         self.device = torch.device("cpu")  # where transcribe puts mels: they travel from here
         self._client, self._ticket, self._loop = client, ticket, loop
+        self._recording_language = recording_language
+        self._mel_dtype = getattr(torch, card.mel_dtype)
 
-    def _call(self, method: str, argument: Any) -> Any:
+    def _travelling(self, mel: torch.Tensor) -> np.ndarray:
+        """A window as it crosses to the service: in the precision the service computes in."""
+        return mel.to(self._mel_dtype).contiguous().numpy()
+
+    async def _request(self, method: str, argument: Any) -> Any:
         """Wait for this request's turn (``services.whisper.window_scheduler``), then for the batch the window joins."""
-        client, ticket = self._client, self._ticket
+        client = self._client
 
         async def send() -> Any:
             return await getattr(client, method)(argument)
 
-        async def call() -> Any:
-            with metrics.queued("whisper"):
-                # Decoding, detecting and aligning are idempotent: a call broken on its connection goes once more.
-                return await ticket.run(retry_once_on_connection_error(send, "Whisper"))
+        with metrics.queued("whisper"):
+            # Decoding, detecting and aligning are idempotent: a call broken on its connection goes once more.
+            return await self._ticket.run(retry_once_on_connection_error(send, "Whisper"))
 
+    def _call(self, method: str, argument: Any) -> Any:
+        """``_request`` from a transcription thread, blocking it until the answer."""
         # Raises CancelledError once the request is over (the ticket closed): its other chunks stop.
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self._request(method, argument), self._loop).result()
+
+    async def language_probabilities(self, mel: torch.Tensor) -> dict[str, float]:
+        """``detect_language`` of one window, from the event loop."""
+        probabilities: list[dict[str, float]] = await self._request("detect_language", [self._travelling(mel)])
+        return probabilities[0]
 
     def decode(self, mel: torch.Tensor, options: DecodingOptions) -> DecodingResult | list[DecodingResult]:
         single = mel.ndim == 2
         mels = [mel] if single else list(mel)
-        jobs = [WindowJob(mel=m.float().contiguous().numpy(), options=asdict(options)) for m in mels]
+        jobs = [WindowJob(mel=self._travelling(m), options=asdict(options)) for m in mels]
         results = [self._call("decode_windows", [job])[0] for job in jobs]  # one call each: they join batches apart
         decoded = [DecodingResult(audio_features=torch.empty(0), **result.model_dump()) for result in results]
         return decoded[0] if single else decoded
 
     def detect_language(self, mel: torch.Tensor, tokenizer: Tokenizer | None = None) -> tuple[torch.Tensor, Any]:
         single = mel.ndim == 2
-        mels = [m.float().contiguous().numpy() for m in ([mel] if single else list(mel))]
-        probabilities: list[dict[str, float]] = self._call("detect_language", mels)
+        mels = [self._travelling(m) for m in ([mel] if single else list(mel))]
+        probabilities: list[dict[str, float]]
+        if self._recording_language is not None:  # a chunk of a recording: the recording's language
+            recording_language = self._recording_language
+
+            async def detected() -> dict[str, float]:
+                return await asyncio.shield(recording_language)  # one chunk giving up cancels no other's wait
+
+            language = asyncio.run_coroutine_threadsafe(detected(), self._loop).result()
+            probabilities = [language] * len(mels)
+        else:
+            probabilities = self._call("detect_language", mels)
         tokenizer = whisper.tokenizer.get_tokenizer(self.is_multilingual, num_languages=self.num_languages)
         tokens = torch.tensor([tokenizer.to_language_token(max(p, key=p.__getitem__)) for p in probabilities])
         return (tokens[0], probabilities[0]) if single else (tokens, probabilities)
@@ -86,7 +117,7 @@ class RemoteWhisper:
             language=tokenizer.language,
             task=tokenizer.task or "transcribe",
             text_tokens=text_tokens,
-            mel=mel.float().contiguous().numpy(),
+            mel=self._travelling(mel),
             num_frames=num_frames,
             **kwargs,
         )

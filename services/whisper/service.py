@@ -119,6 +119,7 @@ class Whisper:
             dims=dims,
             multilingual=self.model.is_multilingual,
             num_languages=self.model.num_languages,
+            mel_dtype="float16" if self.fp16 else "float32",
         )
         log.info("Whisper %s on %s (%s)", self.model_ref.tag, self.device, self.dtype)
         freeze_start_up_objects(settings.freeze_start_up_objects)  # common/garbage_collection.py
@@ -196,7 +197,7 @@ class Whisper:
         for i, job in enumerate(jobs):
             options = self._options(job.options)
             if self.engine.takes(options, options.language):
-                mel = torch.from_numpy(np.asarray(job.mel, dtype=np.float32))
+                mel = torch.from_numpy(np.asarray(job.mel))  # in the card's mel_dtype; the engine casts it
                 waiting[i] = asyncio.wrap_future(self.engine.submit(mel, options, options.language))
             else:
                 rest.append(i)
@@ -247,7 +248,7 @@ class Whisper:
             engine between two steps with every other window then waiting for it."""
             assert self.engine is not None
             engine = self.engine
-            detections = engine.detect([torch.from_numpy(np.asarray(mel, dtype=np.float32)) for mel in mels])
+            detections = engine.detect([torch.from_numpy(np.asarray(mel)) for mel in mels])
             return list(await asyncio.gather(*map(asyncio.wrap_future, detections)))
 
     else:
