@@ -275,52 +275,66 @@ class DecodeEngine:
             assert row.plan is not None
             groups.setdefault(len(row.plan.task.initial_tokens), []).append(row)
         with self.lock:
-            for length, rows in groups.items():
-                for first in range(0, len(rows), PREFILL_ROWS):
-                    self._prefill(rows[first : first + PREFILL_ROWS], length)
+            no_speech = [
+                (part, self._prefill(part, length))
+                for length, rows in groups.items()
+                for part in (rows[first : first + PREFILL_ROWS] for first in range(0, len(rows), PREFILL_ROWS))
+            ]
+            # Read once every prefill is queued: a read waits for the GPU, and the next prefill's
+            # launches would wait behind it (and, in the service, behind the event loop for the GIL).
+            for part, probabilities in no_speech:
+                for row, probability in zip(part, probabilities.tolist(), strict=True):
+                    row.no_speech_prob = probability
         _notify(self.on_admitted, len(admitted))
 
-    def _prefill(self, rows: list[_Row], length: int) -> None:
+    def _prefill(self, rows: list[_Row], length: int) -> torch.Tensor:
+        """Prefill ``rows`` (initial tokens of ``length``) into their slots; their no-speech
+        probabilities, on the device. Each row's state is written for all rows at once, from host
+        tensors copied without waiting: none of it stops the GPU's queue."""
         device, decoder = self.decoder.device, self.decoder
-        mels = torch.stack([row.window for row in rows]).to(device, decoder.dtype)
+        plans = [row.plan for row in rows if row.plan is not None]
+        assert len(plans) == len(rows)
+        mels = torch.stack([row.window for row in rows]).to(device, decoder.dtype, non_blocking=True)
         audio_features = self.model.encoder(mels)
-        initial = torch.tensor([row.plan.task.initial_tokens for row in rows if row.plan], device=device)
+        initial = _to(device, torch.tensor([plan.task.initial_tokens for plan in plans]))
         scratch = DecoderCache(self.model.dims, len(rows), decoder.dtype, device, text_positions=length)
         logits = decoder.prefill(scratch, initial, audio_features)
-        slots = torch.tensor([row.slot for row in rows], device=device)
+        slots = _to(device, torch.tensor([row.slot for row in rows]))
         decoder.place(scratch, slots, length)
+        no_speech = self._no_speech_probs(plans, logits)
 
-        no_speech = self._no_speech_probs(rows, logits)
-        for i, (row, probability) in enumerate(zip(rows, no_speech, strict=True)):
-            row.no_speech_prob = probability
-            plan = row.plan
-            assert plan is not None
-            slot, options = row.slot, row.options
-            self.history[slot, :length] = initial[i]
-            self.length[slot], self.sample_begin[slot], self.sampled[slot] = length, length, 0
-            self.sample_len[slot] = plan.task.sample_len
-            self.max_initial[slot] = plan.max_initial
-            self.timestamps[slot], self.suppress_blank[slot] = plan.timestamps, plan.suppress_blank
-            self.suppress[slot] = False
-            self.suppress[slot, list(plan.suppress)] = True
-            self.temperature[slot] = options.temperature
-            self.sum_logprobs[slot] = 0.0
-            self.live[slot] = True
-            self._length_bound[slot] = length + 1  # the token _advance appends below
+        suppress = torch.zeros(len(rows), self.suppress.shape[1], dtype=torch.bool)
+        for i, plan in enumerate(plans):
+            suppress[i, list(plan.suppress)] = True
+        per_row = torch.tensor([[plan.task.sample_len, plan.max_initial] for plan in plans])
+        flags = torch.tensor([[plan.timestamps, plan.suppress_blank] for plan in plans])
+        temperatures = torch.tensor([row.options.temperature for row in rows], dtype=torch.float32)
+        per_row, flags, suppress, temperatures = (_to(device, t) for t in (per_row, flags, suppress, temperatures))
+        self.history[slots, :length] = initial
+        self.length[slots] = length
+        self.sample_begin[slots] = length
+        self.sampled[slots] = 0
+        self.sample_len[slots], self.max_initial[slots] = per_row[:, 0], per_row[:, 1]
+        self.timestamps[slots], self.suppress_blank[slots] = flags[:, 0], flags[:, 1]
+        self.suppress[slots] = suppress
+        self.temperature[slots] = temperatures
+        self.sum_logprobs[slots] = 0.0
+        self.live[slots] = True
+        for row in rows:
+            self._length_bound[row.slot] = length + 1  # the token _advance appends below
         self._sampling = any(row is not None and row.options.temperature > 0 for row in self._rows)
         self._advance(slots, logits[:, -1])
+        return no_speech
 
-    def _no_speech_probs(self, rows: list[_Row], logits: torch.Tensor) -> list[float]:
-        probabilities = []
-        for i, row in enumerate(rows):
-            assert row.plan is not None
-            tokenizer = row.plan.task.tokenizer
-            if tokenizer.no_speech is None:
-                probabilities.append(float("nan"))
-                continue
-            at_sot = logits[i, row.plan.task.sot_index].float().softmax(dim=-1)
-            probabilities.append(at_sot[tokenizer.no_speech].item())
-        return probabilities
+    def _no_speech_probs(self, plans: list[_Plan], logits: torch.Tensor) -> torch.Tensor:
+        """The package's no-speech probability of each row: its ``<|nospeech|>`` at the start of transcript."""
+        at = torch.arange(len(plans))
+        no_speech = [plan.task.tokenizer.no_speech for plan in plans]
+        sot = _to(logits.device, torch.tensor([plan.task.sot_index for plan in plans]))
+        token = _to(logits.device, torch.tensor([-1 if t is None else t for t in no_speech]))
+        at_sot = logits[_to(logits.device, at), sot].float().softmax(dim=-1)
+        probabilities = at_sot[_to(logits.device, at), token.clamp(min=0)]
+        return torch.where(token >= 0, probabilities, torch.nan)
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -459,6 +473,12 @@ class DecodeEngine:
                 self._plans.clear()
             self._plans[key] = _plan(self.model, options)
         return self._plans[key]
+
+
+def _to(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    """A host tensor on ``device``, the copy queued without waiting for the GPU (a pageable source
+    is staged before the call returns, so the host tensor may go at once)."""
+    return tensor.to(device, non_blocking=True)
 
 
 def _notify(callback: Callable[..., None] | None, *args: float) -> None:

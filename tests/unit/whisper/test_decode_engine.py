@@ -92,9 +92,12 @@ def test_windows_admitted_together_prefill_in_parts_with_the_same_results(model,
     admitted: list[int] = []
     passes: list[int] = []
     prefill = DecodeEngine._prefill
-    monkeypatch.setattr(
-        DecodeEngine, "_prefill", lambda self, rows, length: (passes.append(len(rows)), prefill(self, rows, length))
-    )
+
+    def counted(self: DecodeEngine, rows: list, length: int) -> torch.Tensor:
+        passes.append(len(rows))
+        return prefill(self, rows, length)
+
+    monkeypatch.setattr(DecodeEngine, "_prefill", counted)
     decoder = StaticDecoder(model, capacity=8, dtype=torch.float32, use_graphs=False)
     engine = DecodeEngine(model, decoder, threading.Lock(), on_admitted=admitted.append)
     with engine._arrived:  # all five wait until submitted, so one admission takes them together
