@@ -328,12 +328,13 @@ class DecodeEngine:
 
     def _no_speech_probs(self, plans: list[_Plan], logits: torch.Tensor) -> torch.Tensor:
         """The package's no-speech probability of each row: its ``<|nospeech|>`` at the start of transcript."""
-        at = torch.arange(len(plans))
+        device = logits.device
+        rows = _to(device, torch.arange(len(plans)))
         no_speech = [plan.task.tokenizer.no_speech for plan in plans]
-        sot = _to(logits.device, torch.tensor([plan.task.sot_index for plan in plans]))
-        token = _to(logits.device, torch.tensor([-1 if t is None else t for t in no_speech]))
-        at_sot = logits[_to(logits.device, at), sot].float().softmax(dim=-1)
-        probabilities = at_sot[_to(logits.device, at), token.clamp(min=0)]
+        sot = _to(device, torch.tensor([plan.task.sot_index for plan in plans]))
+        token = _to(device, torch.tensor([-1 if t is None else t for t in no_speech]))
+        at_sot = logits[rows, sot].float().softmax(dim=-1)
+        probabilities = at_sot[rows, token.clamp(min=0)]
         return torch.where(token >= 0, probabilities, torch.nan)
 
     @torch.no_grad()

@@ -92,7 +92,7 @@ class RemoteWhisper:
 
     def detect_language(self, mel: torch.Tensor, tokenizer: Tokenizer | None = None) -> tuple[torch.Tensor, Any]:
         single = mel.ndim == 2
-        mels = [self._travelling(m) for m in ([mel] if single else list(mel))]
+        windows = [mel] if single else list(mel)
         probabilities: list[dict[str, float]]
         if self._recording_language is not None:  # a chunk of a recording: the recording's language
             recording_language = self._recording_language
@@ -101,9 +101,9 @@ class RemoteWhisper:
                 return await asyncio.shield(recording_language)  # one chunk giving up cancels no other's wait
 
             language = asyncio.run_coroutine_threadsafe(detected(), self._loop).result()
-            probabilities = [language] * len(mels)
+            probabilities = [language] * len(windows)
         else:
-            probabilities = self._call("detect_language", mels)
+            probabilities = self._call("detect_language", [self._travelling(m) for m in windows])
         tokenizer = whisper.tokenizer.get_tokenizer(self.is_multilingual, num_languages=self.num_languages)
         tokens = torch.tensor([tokenizer.to_language_token(max(p, key=p.__getitem__)) for p in probabilities])
         return (tokens[0], probabilities[0]) if single else (tokens, probabilities)
