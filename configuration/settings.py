@@ -151,12 +151,6 @@ class Settings(BaseSettings):
         description="Each service exempts the objects it holds after start-up (libraries, model) from Python's "
         "garbage collector, whose full collections otherwise walk them all with the GIL held (100-300 ms pauses).",
     )
-    gil_switch_interval_ms: float | None = Field(
-        None,
-        gt=0,
-        description="How often, in ms, the CLIP and Whisper services' busy threads hand Python's GIL on, so the "
-        "thread launching GPU kernels waits less for it after each GPU wait; unset: Python's 5 ms.",
-    )
     max_concurrent_requests: int = Field(
         100,
         ge=1,

@@ -30,7 +30,6 @@ from services.common import metrics
 from services.common.continuous_batching import ContinuousBatcher
 from services.common.device import torch_device
 from services.common.garbage_collection import freeze_start_up_objects
-from services.common.gil_switching import set_switch_interval
 from services.common.model_service import model_service
 from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
@@ -105,7 +104,6 @@ class CLIP:
             "on" if self.encoder.graphs else "off",
         )
         freeze_start_up_objects(settings.freeze_start_up_objects)  # common/garbage_collection.py
-        set_switch_interval(settings.gil_switch_interval_ms)  # common/gil_switching.py
         listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _preprocessing_version(self, path: Path, mode: str) -> str:

@@ -45,7 +45,6 @@ from configuration.settings import get_settings
 from services.common import metrics
 from services.common.device import torch_device, uses_gpu
 from services.common.garbage_collection import freeze_start_up_objects
-from services.common.gil_switching import set_switch_interval
 from services.common.model_service import batched_api, model_service
 from services.common.own_listening_socket import listen_on_own_socket_when_ready
 from services.common.shutdown_grace import keep_serving_while_callers_drain
@@ -124,7 +123,6 @@ class Whisper:
         )
         log.info("Whisper %s on %s (%s)", self.model_ref.tag, self.device, self.dtype)
         freeze_start_up_objects(settings.freeze_start_up_objects)  # common/garbage_collection.py
-        set_switch_interval(settings.gil_switch_interval_ms)  # common/gil_switching.py
         listen_on_own_socket_when_ready()  # loaded: take connections (services/common/own_listening_socket.py)
 
     def _mels(self, mels: list[np.ndarray]) -> torch.Tensor:

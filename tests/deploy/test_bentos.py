@@ -189,7 +189,6 @@ def test_model_bento_holds_only_its_service(bentos: dict[str, Built]) -> None:
         "common/continuous_batching.py",
         "common/device.py",
         "common/garbage_collection.py",
-        "common/gil_switching.py",
         "common/metrics.py",
         "common/model_service.py",
         "common/own_listening_socket.py",
