@@ -69,7 +69,7 @@ import whisper
 import whisper.timing
 from fastapi import UploadFile
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper.audio import N_FFT, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
@@ -127,9 +127,15 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _first_window(samples: np.ndarray, n_mels: int) -> torch.Tensor:
-    """The log-mel window transcribe detects a language from: the first 30 s, padded to 30 s."""
-    return pad_or_trim(log_mel_spectrogram(samples[:N_SAMPLES], n_mels, padding=N_SAMPLES), N_FRAMES)
+def detection_window(samples: np.ndarray, n_mels: int) -> torch.Tensor:
+    """The log-mel window transcribe detects a language from: the first 30 s, padded to 30 s.
+
+    transcribe pads with 30 s of zeros and keeps the first 3,000 frames. Zeros past one STFT
+    width beyond 30 s change none of those frames, nor the maximum they are normalised by
+    (silent frames sit at the floor), so this window pads only that far: half the work, the
+    same values (tests/unit/whisper/test_audio.py)."""
+    head = samples[:N_SAMPLES]
+    return pad_or_trim(log_mel_spectrogram(head, n_mels, padding=N_SAMPLES - len(head) + N_FFT), N_FRAMES)
 
 
 def _subtitles(writer: type[WriteSRT] | type[WriteVTT], segments: list[dict[str, Any]]) -> str:
@@ -261,7 +267,7 @@ class WhisperAPI:
     async def _detect_language(model: RemoteWhisper, samples: np.ndarray) -> dict[str, float]:
         """The language probabilities of the recording's first 30 s, as ``transcribe`` detects them."""
         with metrics.WHISPER_STAGE_DURATION.labels("detect_language").time():
-            mel = await asyncio.to_thread(_first_window, samples, model.dims.n_mels)
+            mel = await asyncio.to_thread(detection_window, samples, model.dims.n_mels)
             return await model.language_probabilities(mel)
 
     async def _run(self, file: UploadFile, request: TranscriptionRequest) -> Transcript:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from services.common.errors import APIError
 from services.whisper.audio_decoding import SAMPLE_RATE, AudioLimits, decode_audio, sniff_format
@@ -220,3 +221,22 @@ def test_non_finite_float_samples_are_invalid_audio(bad):
     samples = tone(1.0)
     samples[100] = bad
     raises(encoded(samples, subtype="FLOAT"), 400, "invalid_audio")
+
+
+@pytest.mark.parametrize("seconds", [0.5, 10.0, 29.99, 30.0, 45.0])
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_the_language_detection_window_is_transcribe_s_first_window_exactly(seconds, n_mels):
+    """The window detection encodes, padded only as far as its frames reach, equals the one
+    transcribe would make from the first 30 s padded by 30 s of zeros, to the bit; for a recording
+    of 30 s or less that is transcribe's own first window. The loud ending makes the frames that
+    straddle 30 s the loudest, so the normalising maximum is one that the padding could have moved."""
+    from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+    from services.whisper.api import detection_window
+
+    rng = np.random.default_rng(int(seconds * 100) + n_mels)
+    samples = 0.05 * rng.standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32)
+    samples[: len(samples) // 2] += tone(seconds / 2)[: len(samples) // 2]
+    samples[N_SAMPLES - 300 : N_SAMPLES] *= 40  # empty where the recording is shorter
+    transcribes = pad_or_trim(log_mel_spectrogram(samples[:N_SAMPLES], n_mels, padding=N_SAMPLES), N_FRAMES)
+    assert torch.equal(detection_window(samples, n_mels), transcribes)
