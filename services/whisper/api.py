@@ -128,7 +128,9 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 def detection_window(samples: np.ndarray, n_mels: int) -> torch.Tensor:
-    """The log-mel window transcribe detects a language from: the first 30 s, padded to 30 s.
+    """The log-mel window of the first 30 s, padded to 30 s, that a recording's language is
+    detected from. For a recording of 30 s or less it is transcribe's own; for a longer one
+    transcribe normalises by the loudest frame of the whole, which this does not wait for.
 
     transcribe pads with 30 s of zeros and keeps the first 3,000 frames. Zeros past one STFT
     width beyond 30 s change none of those frames, nor the maximum they are normalised by
